@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  make demo  (the whole pipeline)  and  make test.
+# A torch already in the virtualenv is kept (install your CUDA build first on a GPU machine);
+# otherwise TORCH_SPEC is installed and every later install is constrained to it, so pip never
+# swaps in a multi-GB CUDA build on a CPU box.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export DS_BUILD_OPS ?= 0
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	PIP_CONSTRAINT=$(abspath $(VENV))/constraints.txt $(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pipeline.demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest tests -q $(TEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,81 @@
+"""Model configuration and named size presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.configtools import ConfigError
+
+PRESETS: dict[str, dict] = {
+    "mdlm-tiny": dict(n_layers=2, d_model=128, n_heads=4, cond_dim=64),
+    "mdlm-small": dict(n_layers=12, d_model=768, n_heads=12, cond_dim=128),
+    "mdlm-medium": dict(n_layers=24, d_model=1024, n_heads=16, cond_dim=128),
+    "mdlm-1b": dict(n_layers=20, d_model=2048, n_heads=16, cond_dim=128),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "mdlm-tiny"
+    objective: Literal["mdlm", "ar"] = "mdlm"
+    vocab_size: int = 0       # including the [MASK] id for MDLM; 0 = from the data manifest
+    mask_token_id: int = -1   # -1 = from the data manifest (or the last id)
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    cond_dim: int = 64
+    dropout: float = 0.1
+    time_conditioning: bool = False
+    noise_schedule: Literal["loglinear", "cosine", "linear"] = "loglinear"
+    noise_eps: float = 1e-3
+    loss: Literal["nelbo", "flat_ce"] = "nelbo"
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS and self.preset != "custom":
+            raise ConfigError(f"model.preset '{self.preset}' is unknown; choose one of "
+                              f"{', '.join(PRESETS)} or 'custom'")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by "
+                              f"model.n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("model head dimension must be even for rotary embeddings")
+        if self.vocab_size < 0:
+            raise ConfigError("model.vocab_size must be >= 0 (0 takes it from the data manifest)")
+        if self.vocab_size and self.mask_token_id == -1:
+            self.mask_token_id = self.vocab_size - 1
+        if self.vocab_size and self.objective == "mdlm" and not 0 <= self.mask_token_id < self.vocab_size:
+            raise ConfigError(f"model.mask_token_id={self.mask_token_id} must lie in "
+                              f"[0, vocab_size={self.vocab_size})")
+        if not 0.0 < self.noise_eps < 1.0:
+            raise ConfigError("model.noise_eps must be in (0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def expand_preset(raw: dict) -> dict:
+    """Fill a raw model mapping from its preset; explicit keys win."""
+    raw = dict(raw)
+    name = raw.get("preset", ModelConfig.preset)
+    if name in PRESETS:
+        merged = dict(PRESETS[name])
+        merged.update(raw)
+        return merged
+    return raw
+
+
+def model_config(preset: str = "mdlm-tiny", **overrides) -> ModelConfig:
+    """A validated config from a preset name plus field overrides (vocab_size defaults to 50258)."""
+    overrides.setdefault("vocab_size", 50258)
+    from pipeline.configtools import from_dict
+
+    return from_dict(ModelConfig, expand_preset({"preset": preset, **overrides}), "model")
+
+
+def replace(cfg: ModelConfig, **changes) -> ModelConfig:
+    out = dataclasses.replace(cfg, **changes)
+    out.validate()
+    return out

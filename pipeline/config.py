@@ -1,0 +1,121 @@
+"""The resolved configuration of a training run (one dataclass per component)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from model.config import ModelConfig, expand_preset
+
+from .configtools import ConfigError, load_config
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                 # a data_prep output directory (holds manifest.json)
+    micro_batch_size: int = 8
+    shuffle: bool = True
+    seed: int = 1234
+    eval_split: str = "val"
+
+    def validate(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ConfigError("data.micro_batch_size must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    warmup_steps: int = 2500
+    min_lr_ratio: float = 0.1      # cosine / wsd floor as a fraction of lr
+    decay_fraction: float = 0.2    # wsd: share of max_steps spent decaying
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 512   # sequences per optimizer step over all ranks
+    seed: int = 42
+    precision: Literal["bf16", "fp32"] = "bf16"
+    zero_stage: int = 2
+    deepspeed_config: str = ""     # optional JSON merged under the generated DeepSpeed config
+    ema: float = 0.9999            # 0 disables EMA
+    log_every: int = 10
+    eval_every: int = 0            # 0 = only at the end
+    checkpoint_every: int = 0      # 0 = only at the end
+    keep_last: int = 3
+    max_bad_steps: int = 5         # non-finite losses in a row before aborting
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.max_steps < 1 or self.global_batch_size < 1:
+            raise ConfigError("train.max_steps and train.global_batch_size must be >= 1")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError("train.ema must be in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    time_samples: int = 4          # K Monte Carlo times per sequence for the NELBO
+    max_batches: int = 0           # 0 = the whole split
+    batch_size: int = 0            # 0 = data.micro_batch_size
+    use_ema: bool = True
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 4
+    steps: int = 128
+    length: int = 0                # 0 = the data's seq_len
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""                  # "" = $MLFLOW_TRACKING_URI or sqlite:///<run_dir>/mlflow.db
+    experiment: str = "mdlm-pretrain"
+    run_name: str = ""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if not self.data.path:
+            raise ConfigError("data.path is required: the directory written by `python -m data_prep`")
+        if not (Path(self.data.path) / "manifest.json").is_file():
+            raise ConfigError(f"data.path '{self.data.path}' has no manifest.json; run "
+                              "`python -m data_prep --out <dir> ...` first or fix the path")
+
+
+def _prepare(raw: dict) -> dict:
+    if isinstance(raw.get("model"), dict):
+        raw["model"] = expand_preset(raw["model"])
+    return raw
+
+
+def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    return load_config(RunConfig, path, overrides, prepare=_prepare)

@@ -1,0 +1,144 @@
+"""Deterministic, resumable streaming of webdataset shards for each data-parallel rank.
+
+Per epoch the shard order is a seeded permutation; rank r reads shards r, r+W, ... (or, with
+fewer shards than ranks, every W-th sample of every shard). Inside a shard the samples are
+visited in a seeded permutation. The position (epoch, shard cursor, sample cursor) is therefore
+enough to resume exactly at the next unseen sample, skipping finished shards without reading them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point data.path at a `python -m data_prep` output")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != 1:
+        raise ValueError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    return manifest
+
+
+def _no_split(src):
+    yield from src
+
+
+def read_shard(url: str) -> list[dict]:
+    """All samples of one shard, in file order, as numpy arrays."""
+    ds = wds.WebDataset(url, shardshuffle=False, nodesplitter=_no_split, workersplitter=_no_split,
+                        empty_check=False)
+    out = []
+    for sample in ds:
+        item = {"key": sample["__key__"], "tokens": np.load(io.BytesIO(sample["tokens.npy"]))}
+        if "mask.npy" in sample:
+            item["mask"] = np.load(io.BytesIO(sample["mask.npy"]))
+        out.append(item)
+    return out
+
+
+@dataclass
+class StreamPosition:
+    epoch: int = 0
+    shard_cursor: int = 0      # index into this rank's shard list for the epoch
+    sample_cursor: int = 0     # samples of the current shard already yielded
+    samples_seen: int = 0      # total over the run
+
+
+class ShardStream:
+    """An endless (or single-pass) stream of samples for one data-parallel rank."""
+
+    def __init__(self, data_dir: str | Path, split: str, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, loop: bool = True):
+        self.data_dir = Path(data_dir)
+        self.manifest = load_manifest(self.data_dir)
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"split '{split}' not in {self.data_dir}/manifest.json "
+                             f"(has {', '.join(self.manifest['splits'])})")
+        self.shards = self.manifest["splits"][split]["shards"]
+        if not self.shards:
+            raise ValueError(f"split '{split}' of {self.data_dir} has no shards")
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.loop = seed, shuffle, loop
+        self.position = StreamPosition()
+
+    def _epoch_plan(self, epoch: int) -> tuple[list[int], bool]:
+        order = np.arange(len(self.shards))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
+        if len(order) >= self.world_size:
+            return [int(i) for i in order[self.rank::self.world_size]], False
+        return [int(i) for i in order], True
+
+    def _sample_order(self, epoch: int, shard_index: int, count: int, interleaved: bool) -> np.ndarray:
+        order = np.arange(count)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(order)
+        if interleaved:
+            order = order[self.rank::self.world_size]
+        return order
+
+    def __iter__(self):
+        pos = self.position
+        while True:
+            plan, interleaved = self._epoch_plan(pos.epoch)
+            while pos.shard_cursor < len(plan):
+                shard_index = plan[pos.shard_cursor]
+                shard = self.shards[shard_index]
+                samples = read_shard(str(self.data_dir / shard["name"]))
+                if len(samples) != shard["samples"]:
+                    raise ValueError(f"{shard['name']}: {len(samples)} samples but the manifest says "
+                                     f"{shard['samples']}; run `python -m data_prep verify {self.data_dir}`")
+                order = self._sample_order(pos.epoch, shard_index, len(samples), interleaved)
+                while pos.sample_cursor < len(order):
+                    sample = samples[order[pos.sample_cursor]]
+                    pos.sample_cursor += 1
+                    pos.samples_seen += 1
+                    yield sample
+                pos.shard_cursor += 1
+                pos.sample_cursor = 0
+            if not self.loop:
+                return
+            pos.epoch += 1
+            pos.shard_cursor = 0
+
+    def state_dict(self) -> dict:
+        return {**asdict(self.position), "world_size": self.world_size, "rank": self.rank, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size") != self.world_size or state.get("seed") != self.seed:
+            warnings.warn(f"data position was saved with world_size={state.get('world_size')} "
+                          f"seed={state.get('seed')}, resuming with world_size={self.world_size} "
+                          f"seed={self.seed}: restarting epoch {state.get('epoch', 0)} from its start")
+            self.position = StreamPosition(epoch=state.get("epoch", 0),
+                                           samples_seen=state.get("samples_seen", 0))
+            return
+        self.position = StreamPosition(**{k: state[k] for k in asdict(StreamPosition())})
+
+
+def batches(stream, batch_size: int, drop_last: bool = True):
+    """Group samples into (tokens LongTensor (B, L), valid mask FloatTensor or None, keys)."""
+    buf = []
+    for sample in stream:
+        buf.append(sample)
+        if len(buf) == batch_size:
+            yield collate(buf)
+            buf = []
+    if buf and not drop_last:
+        yield collate(buf)
+
+
+def collate(samples: list[dict]):
+    tokens = torch.from_numpy(np.stack([s["tokens"].astype(np.int64) for s in samples]))
+    valid = None
+    if "mask" in samples[0]:
+        valid = torch.from_numpy(np.stack([s["mask"].astype(np.float32) for s in samples]))
+    return tokens, valid, [s["key"] for s in samples]

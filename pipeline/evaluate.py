@@ -1,0 +1,144 @@
+"""Likelihood evaluation: the MDLM perplexity bound (or AR perplexity) and the unigram baseline.
+
+`python -m pipeline.evaluate --checkpoint RUN_DIR/checkpoints[/stepN] [--data DIR] [--time-samples K]
+[--discrete-steps T]` prints and writes a JSON result. Conventions (recorded with every result):
+every stored position of a sequence is scored, BOS and EOS included; documents are packed as
+BOS + chunk + EOS with EOS between documents (wrap mode).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.likelihood import ar_nll, mdlm_discrete_nelbo, mdlm_nelbo
+from model.mdlm import MDLM
+
+from .data import ShardStream, batches, load_manifest
+
+
+def conventions(manifest: dict) -> dict:
+    return {
+        "tokens_counted": "every position (BOS/EOS included, pad excluded)",
+        "packing": manifest.get("packing", "wrap"),
+        "eos_between_documents": manifest.get("packing", "wrap") == "wrap",
+        "seq_len": manifest.get("seq_len"),
+    }
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str, batch_size: int,
+                        time_samples: int = 4, max_batches: int = 0, seed: int = 0,
+                        rank: int = 0, world_size: int = 1, device=None,
+                        discrete_steps: int = 0) -> dict:
+    """exp(NELBO per token) for MDLM, exact perplexity for AR, over a deterministic pass of `split`,
+    split across ranks; the standard error comes from the K draws per sequence."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False)
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1000003 + rank)
+    total, var, tokens, seqs = 0.0, 0.0, 0.0, 0
+    for i, (x0, valid, _) in enumerate(batches(stream, batch_size, drop_last=False)):
+        if max_batches and i >= max_batches:
+            break
+        x0 = x0.to(device)
+        valid = valid.to(device) if valid is not None else None
+        if isinstance(model, MDLM):
+            if discrete_steps:
+                nelbo, v = mdlm_discrete_nelbo(model, x0, discrete_steps, time_samples, gen, valid)
+            else:
+                nelbo, v = mdlm_nelbo(model, x0, time_samples, gen, valid)
+            var += float(v.sum())
+            tokens += float(valid.sum()) if valid is not None else x0.numel()
+        else:
+            nelbo = ar_nll(model, x0, valid)
+            tokens += float(valid[:, 1:].sum()) if valid is not None else x0[:, 1:].numel()
+        total += float(nelbo.sum())
+        seqs += x0.shape[0]
+    total, var, tokens, seqs = _all_reduce([total, var, tokens, seqs], device)
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError(f"split '{split}' of {data_dir} gave no tokens to evaluate")
+    per_token = total / tokens
+    se = math.sqrt(var) / tokens
+    result = {"nelbo": per_token, "ppl_bound": math.exp(per_token), "nelbo_se": se,
+              "ppl_bound_ci95": [math.exp(per_token - 1.96 * se), math.exp(per_token + 1.96 * se)],
+              "tokens": int(tokens), "sequences": int(seqs), "time_samples": time_samples,
+              "estimator": ("discrete" if discrete_steps else "continuous") if isinstance(model, MDLM) else "exact",
+              "discrete_steps": discrete_steps, "split": split}
+    if not isinstance(model, MDLM):
+        result = {**result, "nll": per_token, "ppl": math.exp(per_token)}
+    return result
+
+
+def token_counts(data_dir: str | Path, split: str, vocab: int, max_samples: int = 0) -> np.ndarray:
+    counts = np.zeros(vocab, dtype=np.int64)
+    stream = ShardStream(data_dir, split, shuffle=False, loop=False)
+    for i, sample in enumerate(stream):
+        if max_samples and i >= max_samples:
+            break
+        toks = sample["tokens"]
+        if "mask" in sample:
+            toks = toks[sample["mask"].astype(bool)]
+        counts += np.bincount(toks.astype(np.int64), minlength=vocab)[:vocab]
+    return counts
+
+
+def unigram_perplexity(data_dir: str | Path, eval_split: str = "val", train_split: str = "train",
+                       max_train_samples: int = 0) -> dict:
+    """Perplexity of the eval tokens under the add-one-smoothed unigram of the train tokens:
+    the bar a model must clear to show it uses context."""
+    manifest = load_manifest(data_dir)
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    train = token_counts(data_dir, train_split, vocab, max_train_samples).astype(np.float64) + 1.0
+    log_p = np.log(train / train.sum())
+    evals = token_counts(data_dir, eval_split, vocab)
+    nll = -(evals * log_p).sum() / evals.sum()
+    return {"unigram_nll": float(nll), "unigram_ppl": float(math.exp(nll)), "tokens": int(evals.sum())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .inference import load_checkpoint_model
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoints dir (newest complete) or one step dir")
+    parser.add_argument("--data", default="", help="data_prep output dir (default: the run's data.path)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--time-samples", type=int, default=16)
+    parser.add_argument("--discrete-steps", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-batches", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    parser.add_argument("--output", default="", help="write the result JSON here")
+    args = parser.parse_args(argv)
+    loaded = load_checkpoint_model(args.checkpoint, use_ema=not args.no_ema)
+    data = args.data or loaded.config["data"]["path"]
+    result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
+                                 args.max_batches, args.seed, discrete_steps=args.discrete_steps)
+    result.update(unigram_perplexity(data, args.split))
+    result["conventions"] = conventions(load_manifest(data))
+    result["checkpoint"] = str(loaded.path)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

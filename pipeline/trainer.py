@@ -1,0 +1,427 @@
+"""The training loop: a DeepSpeed engine around the MDLM (or AR) model, streaming shards,
+checkpointing everything stateful, evaluating and sampling, tracking to MLflow from rank 0."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model.config import ModelConfig
+from model.dit import count_parameters
+from model.mdlm import MDLM, build_model
+from model.noise import stratified_times
+
+from . import metrics
+from .checkpoint import CheckpointManager
+from .config import RunConfig
+from .configtools import ConfigError, dump_yaml, flatten, to_dict
+from .data import ShardStream, batches, load_manifest
+from .distributed import init_distributed
+from .tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger("mdlm.trainer")
+
+
+def resolve_vocab(model_cfg: ModelConfig, manifest: dict) -> None:
+    """The data decides the vocabulary: model vocab = tokenizer vocab (+1 [MASK] when it has none)."""
+    vocab = int(manifest["model_vocab_size"])
+    mask_id = int(manifest["mask_token_id"])
+    if model_cfg.vocab_size not in (0, vocab):
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the data's manifest says "
+                          f"{vocab}; drop model.vocab_size to take it from the data")
+    model_cfg.vocab_size = vocab
+    model_cfg.mask_token_id = mask_id
+    model_cfg.validate()
+
+
+def lr_lambda(cfg: RunConfig):
+    o, total = cfg.optim, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        if o.schedule == "cosine":
+            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_start = total - int(o.decay_fraction * total)
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+        return 1.0 - (1.0 - o.min_lr_ratio) * progress
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices of linear layers only; embeddings, norms, biases and adaLN biases are exempt."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EMA:
+    """fp32 exponential moving average of the parameters (by name), kept on every rank."""
+
+    def __init__(self, named_params, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params}
+
+    @torch.no_grad()
+    def update(self, named_params) -> None:
+        for n, p in named_params:
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {n: t.cpu() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.shadow = {n: t.to(device).float() for n, t in state.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: str | None = None):
+        import deepspeed
+
+        self.cfg = cfg
+        self.dist = init_distributed()
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run_dir)
+        self.manifest = load_manifest(cfg.data.path)
+        resolve_vocab(cfg.model, self.manifest)
+        self.seq_len = int(self.manifest["seq_len"])
+        t = cfg.train
+        per_step = cfg.data.micro_batch_size * self.world
+        if t.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                              f"data.micro_batch_size x world size = {per_step}")
+        self.grad_accum = t.global_batch_size // per_step
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model)
+        self.is_mdlm = isinstance(model, MDLM)
+        self.flops_per_token = metrics.flops_per_token(metrics.matmul_params(model), cfg.model.n_layers,
+                                                       cfg.model.d_model, self.seq_len)
+        self.n_params = count_parameters(model)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      fused=self.device.type == "cuda")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config(),
+            dist_init_required=False)
+        torch.manual_seed(t.seed + 7919 * (self.rank + 1))  # dropout streams differ per rank
+        self.ema = EMA(self._named_full_params(), t.ema) if t.ema > 0 else None
+
+        self.stream = ShardStream(cfg.data.path, "train", self.rank, self.world, cfg.data.seed, cfg.data.shuffle)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank)
+        self.step = 0
+        self.tokens_seen = 0
+        self.bad_steps = 0
+        self.mlflow_run_id: str | None = None
+        self.stop_signal: int | None = None
+        if resume:
+            self._restore(self.checkpoints.load(self.engine, resume))
+        self.tracker = self._start_tracking() if self.rank == 0 and cfg.tracking.enabled else None
+        self._batches = batches(self.stream, cfg.data.micro_batch_size)
+
+    # ---- setup helpers -------------------------------------------------------------------
+    def deepspeed_config(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        ds: dict = {}
+        if t.deepspeed_config:
+            path = Path(t.deepspeed_config)
+            if not path.is_file():
+                raise ConfigError(f"train.deepspeed_config '{path}' does not exist")
+            ds = json.loads(path.read_text())
+        zero = dict(ds.get("zero_optimization", {}))
+        zero["stage"] = t.zero_stage
+        ds.update({
+            "train_batch_size": t.global_batch_size,
+            "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": cfg.optim.grad_clip,
+            "bf16": {**ds.get("bf16", {}), "enabled": t.precision == "bf16"},
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        })
+        return ds
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        if self.cfg.train.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+                yield
+        else:
+            yield
+
+    def _named_full_params(self):
+        with self._gathered():
+            return [(n, p.detach().float().clone()) for n, p in self.engine.module.named_parameters()]
+
+    def _start_tracking(self) -> Tracker | None:
+        tc = self.cfg.tracking
+        uri = tc.uri or default_tracking_uri(self.run_dir)
+        try:
+            artifacts = self.run_dir / "mlartifacts" if uri.startswith("sqlite:") else None
+            tracker = Tracker(uri, tc.experiment, tc.run_name, run_id=self.mlflow_run_id, artifact_dir=artifacts)
+        except Exception as err:
+            log.warning("MLflow tracking unavailable at %s (%s): continuing without it", uri, err)
+            return None
+        if self.mlflow_run_id is None:
+            tracker.log_params(flatten(to_dict(self.cfg)))
+            tracker.log_params({"derived.n_params": self.n_params, "derived.world_size": self.world,
+                                "derived.grad_accum": self.grad_accum, "derived.seq_len": self.seq_len})
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg_path = self.run_dir / "config.yaml"
+            cfg_path.write_text(dump_yaml(self.cfg))
+            tracker.log_artifact(cfg_path)
+            tracker.log_artifact(Path(self.cfg.data.path) / "manifest.json")
+        self.mlflow_run_id = tracker.run_id
+        return tracker
+
+    # ---- checkpoint state ----------------------------------------------------------------
+    def _gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def client_state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        per_rank = self._gather({"data": self.stream.state_dict(), "rng": rng})
+        if self.rank == 0 and self.mlflow_run_id is None and self.tracker is not None:
+            self.mlflow_run_id = self.tracker.run_id
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.world,
+            "per_rank": per_rank,
+            "ema": self.ema.state_dict() if self.ema else None,
+            "run_config": to_dict(self.cfg),
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+    def _restore(self, state: dict | None) -> None:
+        if not state:
+            return
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.mlflow_run_id = state.get("mlflow_run_id")
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"], self.device)
+        per_rank = state.get("per_rank") or []
+        if state.get("world_size") == self.world and len(per_rank) == self.world:
+            mine = per_rank[self.rank]
+            self.stream.load_state_dict(mine["data"])
+            torch.set_rng_state(mine["rng"]["cpu"])
+            if "cuda" in mine["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
+        elif per_rank:
+            self.stream.load_state_dict({**per_rank[0]["data"], "world_size": state.get("world_size")})
+        if self.rank == 0:
+            log.info("resumed at step %d (%d tokens seen)", self.step, self.tokens_seen)
+
+    def save(self) -> Path:
+        path = self.checkpoints.save(self.engine, self.step, self.client_state())
+        if self.rank == 0:
+            log.info("checkpoint saved: %s", path)
+        return path
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _step_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Times stratified over the whole global batch and the masking uniforms for it, drawn
+        from (seed, step) alone so they do not depend on the world size or on resuming."""
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step)
+        g = self.cfg.train.global_batch_size
+        times = stratified_times(g, self.cfg.model.noise_eps, gen)
+        uniforms = torch.rand(g, self.seq_len, generator=gen)
+        return times, uniforms
+
+    def train_step(self) -> dict:
+        times, uniforms = self._step_noise() if self.is_mdlm else (None, None)
+        mb = self.cfg.data.micro_batch_size
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        tokens = torch.zeros((), dtype=torch.float64)
+        for micro in range(self.grad_accum):
+            x0, valid, _ = next(self._batches)
+            start = (micro * self.world + self.rank) * mb
+            kwargs = {"valid": valid.to(self.device) if valid is not None else None}
+            if self.is_mdlm:
+                kwargs["noise"] = uniforms[start:start + mb].to(self.device)
+                out = self.engine(x0.to(self.device), times[start:start + mb].to(self.device), **kwargs)
+            else:
+                out = self.engine(x0.to(self.device), **kwargs)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            loss_sum += out.loss_sum.detach().double().cpu()
+            tokens += out.num_tokens.detach().double().cpu()
+        stats = torch.stack([loss_sum, tokens])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        loss = (stats[0] / stats[1]).item()
+        self.tokens_seen += int(self.cfg.train.global_batch_size * self.seq_len)
+        self.step += 1
+        if not math.isfinite(loss):
+            self.bad_steps += 1
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise FloatingPointError(f"loss was not finite for {self.bad_steps} steps in a row "
+                                         f"(step {self.step}); lower optim.lr or check the data")
+        else:
+            self.bad_steps = 0
+        if self.ema:
+            with self._gathered():
+                self.ema.update(self.engine.module.named_parameters())
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    def eval_model(self) -> torch.nn.Module:
+        model = build_model(self.cfg.model).to(self.device)
+        if self.ema and self.cfg.eval.use_ema:
+            model.load_state_dict(self.ema.shadow)
+        else:
+            with self._gathered():
+                model.load_state_dict({n: p.detach().float() for n, p in self.engine.module.state_dict().items()})
+        return model
+
+    def evaluate(self) -> dict:
+        from .evaluate import evaluate_likelihood
+
+        e = self.cfg.eval
+        result = evaluate_likelihood(self.eval_model(), self.cfg.data.path, self.cfg.data.eval_split,
+                                     e.batch_size or self.cfg.data.micro_batch_size, e.time_samples,
+                                     e.max_batches, e.seed, self.rank, self.world, self.device)
+        return result
+
+    def sample(self) -> list[str]:
+        from tokenizers import Tokenizer
+
+        from model.sampling import ar_sample, mdlm_ancestral
+
+        s = self.cfg.sample
+        model = self.eval_model()
+        gen = torch.Generator().manual_seed(s.seed)
+        length = s.length or self.seq_len
+        if self.is_mdlm:
+            result = mdlm_ancestral(model, s.num_samples, length, s.steps, generator=gen, top_p=s.top_p)
+        else:
+            result = ar_sample(model, s.num_samples, length, int(self.manifest["tokenizer"]["bos_id"]),
+                               generator=gen, top_p=s.top_p)
+        tok = Tokenizer.from_file(str(Path(self.cfg.data.path) / "tokenizer" / "tokenizer.json"))
+        return [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens]
+
+    def _log(self, metrics_: dict) -> None:
+        if self.rank != 0:
+            return
+        if self.tracker:
+            self.tracker.log_metrics(metrics_, self.step)
+
+    def run(self) -> dict:
+        t = self.cfg.train
+        self._install_signal_handlers()
+        self.engine.train()
+        window_start, window_tokens = time.perf_counter(), 0
+        start_step, run_start = self.step, time.perf_counter()
+        summary: dict = {}
+        while self.step < t.max_steps:
+            stats = self.train_step()
+            window_tokens += t.global_batch_size * self.seq_len
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / elapsed
+                stats["perf/tokens_per_s"] = tps
+                stats["perf/mem_gb"] = metrics.memory_gb(self.device)
+                peak = metrics.peak_flops(self.device)
+                if peak:
+                    stats["perf/mfu"] = tps * self.flops_per_token / (peak * self.world)
+                done = self.step - start_step
+                eta = (time.perf_counter() - run_start) / max(done, 1) * (t.max_steps - self.step)
+                if self.rank == 0:
+                    log.info("step %d/%d loss %.4f lr %.2e grad %.3f %.0f tok/s%s mem %.2f GB eta %.0fs",
+                             self.step, t.max_steps, stats["train/loss"], stats["train/lr"],
+                             stats["train/grad_norm"], tps,
+                             f" mfu {stats['perf/mfu']:.1%}" if "perf/mfu" in stats else "",
+                             stats["perf/mem_gb"], eta)
+                self._log(stats)
+                window_start, window_tokens = time.perf_counter(), 0
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                self._log_eval(self.evaluate())
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+                self.save()
+            if self._stop_requested():
+                if self.rank == 0:
+                    log.warning("stop signal received: saving a checkpoint at step %d and exiting", self.step)
+                self.save()
+                summary["stopped_by_signal"] = True
+                return summary
+        self.save()
+        summary.update(self.finish())
+        return summary
+
+    def _log_eval(self, result: dict) -> None:
+        if self.rank == 0:
+            log.info("eval step %d: nelbo %.4f ppl_bound %.2f (se %.4f, %d tokens)", self.step,
+                     result["nelbo"], result["ppl_bound"], result["nelbo_se"], result["tokens"])
+        self._log({"eval/nelbo": result["nelbo"], "eval/ppl_bound": result["ppl_bound"],
+                   "eval/nelbo_se": result["nelbo_se"]})
+
+    def finish(self) -> dict:
+        """Final evaluation (bound and unigram baseline), samples, summary file, MLflow artifacts."""
+        from .evaluate import conventions, unigram_perplexity
+
+        result = self.evaluate()
+        self._log_eval(result)
+        summary = {"step": self.step, "eval": result}
+        if self.rank == 0:
+            unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split)
+            texts = self.sample()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            samples_path = self.run_dir / "samples.txt"
+            samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")
+            summary.update(unigram=unigram, conventions=conventions(self.manifest),
+                           samples=str(samples_path), checkpoints=str(self.checkpoints.root),
+                           mlflow_run_id=self.mlflow_run_id,
+                           tracking_uri=self.tracker.uri if self.tracker else None)
+            out = self.run_dir / "final_eval.json"
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, out)
+            if self.tracker:
+                self.tracker.log_metrics({"eval/unigram_ppl": unigram["unigram_ppl"]}, self.step)
+                self.tracker.log_artifact(samples_path, "samples")
+                self.tracker.log_artifact(out)
+                self.tracker.end()
+        return summary

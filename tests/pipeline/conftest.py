@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import write_markov_shards
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_train(run_dir: Path, data_dir: Path, *overrides: str, processes: int = 2,
+                 config: str = "configs/train/tiny-test.yaml", resume: str | None = None,
+                 timeout: int = 600) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N pipeline/train.py ...`: the real launcher, real gloo process groups."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [launcher, "--num_gpus", str(processes), "--master_port", str(free_port()),
+           "pipeline/train.py", "--config", config, f"data.path={data_dir}", f"run_dir={run_dir}",
+           *overrides]
+    if resume:
+        cmd += ["--resume", resume]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def markov_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("markov")
+    write_markov_shards(out, vocab=16, seq_len=32, train_samples=512, val_samples=64, samples_per_shard=128)
+    return out

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import RunConfig, load_run_config
+from pipeline.configtools import ConfigError, flatten, to_dict
+
+from .conftest import ROOT
+
+
+def test_yaml_plus_dotted_overrides(markov_data):
+    cfg = load_run_config(str(ROOT / "configs/train/tiny-test.yaml"),
+                          [f"data.path={markov_data}", "train.max_steps=7", "optim.betas=[0.8, 0.95]",
+                           "model.preset=mdlm-small"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.max_steps == 7
+    assert cfg.optim.betas == (0.8, 0.95)
+    # the preset fills the shape; keys given explicitly in the YAML (dropout) still win
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads) == (12, 768, 12)
+    assert cfg.model.dropout == 0.0
+    assert flatten(to_dict(cfg))["train.max_steps"] == 7
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=5", "unknown config key 'train.max_step'; nearest valid keys: max_steps"),
+    ("optimm.lr=1", "unknown config key 'optimm'; nearest valid keys: optim"),
+    ("train.max_steps=many", "train.max_steps: expected an integer, got 'many'"),
+    ("train.precision=fp16", "train.precision: 'fp16' is not one of 'bf16', 'fp32'"),
+    ("model.preset=mdlm-huge", "model.preset 'mdlm-huge' is unknown"),
+    ("train.zero_stage=4", "train.zero_stage=4 must be 0, 1, 2 or 3"),
+])
+def test_bad_keys_and_types_fail_naming_the_key(markov_data, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(str(ROOT / "configs/train/tiny-test.yaml"), [f"data.path={markov_data}", override])
+    assert message in str(err.value)
+
+
+def test_missing_data_dir_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="has no manifest.json"):
+        load_run_config(None, [f"data.path={tmp_path}"])
+
+
+def test_train_cli_rejects_unknown_key_before_any_work(markov_data, tmp_path):
+    proc = subprocess.run([sys.executable, "pipeline/train.py", "--config", "configs/train/tiny-test.yaml",
+                           f"data.path={markov_data}", f"run_dir={tmp_path}", "train.max_stepz=3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'train.max_stepz'; nearest valid keys: max_steps" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_shipped_yaml_config_is_valid(markov_data):
+    for path in sorted((ROOT / "configs/train").glob("*.yaml")):
+        cfg = load_run_config(str(path), [f"data.path={markov_data}"])
+        assert cfg.train.max_steps >= 1, path

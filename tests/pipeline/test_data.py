@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pipeline.data import ShardStream, batches
+
+
+def keys(stream, n):
+    return [s["key"] for s in itertools.islice(stream, n)]
+
+
+def test_ranks_partition_each_epoch_exactly(markov_data):
+    epoch = 512
+    seen = []
+    for rank in range(2):
+        stream = ShardStream(markov_data, "train", rank, 2, seed=3)
+        seen += keys(iter(stream), epoch // 2)
+    assert len(seen) == len(set(seen)) == epoch
+
+
+def test_fewer_shards_than_ranks_interleaves_samples(markov_data):
+    seen = []
+    for rank in range(3):  # val has a single shard of 64 samples
+        seen += [s["key"] for s in ShardStream(markov_data, "val", rank, 3, shuffle=False, loop=False)]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 64
+
+
+def test_resume_from_state_continues_with_the_next_unseen_sample(markov_data):
+    full = ShardStream(markov_data, "train", 0, 1, seed=5)
+    reference = keys(iter(full), 700)  # crosses into the second epoch
+    partial = ShardStream(markov_data, "train", 0, 1, seed=5)
+    head = keys(iter(partial), 300)
+    resumed = ShardStream(markov_data, "train", 0, 1, seed=5)
+    resumed.load_state_dict(partial.state_dict())
+    assert head + keys(iter(resumed), 400) == reference
+    assert reference[512:700] != reference[:188]  # the second epoch is reshuffled
+    assert sorted(reference[:512]) == sorted(set(reference[:512]))
+
+
+def test_world_size_change_restarts_the_epoch_with_a_warning(markov_data):
+    first = ShardStream(markov_data, "train", 0, 2, seed=1)
+    keys(iter(first), 10)
+    other = ShardStream(markov_data, "train", 0, 1, seed=1)
+    with pytest.warns(UserWarning, match="restarting epoch 0"):
+        other.load_state_dict(first.state_dict())
+    assert (other.position.shard_cursor, other.position.sample_cursor) == (0, 0)
+
+
+def test_batches_are_long_tensors_of_seq_len(markov_data):
+    x0, valid, k = next(batches(iter(ShardStream(markov_data, "train")), 4))
+    assert x0.shape == (4, 32) and str(x0.dtype) == "torch.int64" and valid is None and len(k) == 4
+    assert int(x0.max()) < 16
+
+
+def test_manifest_sample_count_mismatch_is_reported(markov_data, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(markov_data, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["samples"] = 65
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="64 samples but the manifest says 65"):
+        list(ShardStream(copy, "val", shuffle=False, loop=False))
