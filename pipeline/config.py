@@ -56,6 +56,9 @@ class TrainConfig:
     checkpoint_every: int = 0      # 0 = only at the end
     keep_last: int = 3
     max_bad_steps: int = 5         # non-finite losses in a row before aborting
+    activation_checkpointing: bool = False
+    compile: bool = False          # torch.compile each transformer block
+    record_sample_keys: bool = False  # append "step<TAB>key" per rank to <run_dir>/sample_keys/
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

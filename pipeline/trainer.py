@@ -20,6 +20,7 @@ from model.mdlm import MDLM, build_model
 from model.noise import stratified_times
 
 from . import metrics
+from .adapters import apply_activation_checkpointing, compile_blocks, plain_name
 from .checkpoint import CheckpointManager
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
@@ -77,12 +78,12 @@ class EMA:
 
     def __init__(self, named_params, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in named_params}
+        self.shadow = {plain_name(n): p.detach().float().clone() for n, p in named_params}
 
     @torch.no_grad()
     def update(self, named_params) -> None:
         for n, p in named_params:
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[plain_name(n)].lerp_(p.detach().float(), 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return {n: t.cpu() for n, t in self.shadow.items()}
@@ -112,6 +113,10 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if t.compile:
+            compile_blocks(model)
         self.is_mdlm = isinstance(model, MDLM)
         self.flops_per_token = metrics.flops_per_token(metrics.matmul_params(model), cfg.model.n_layers,
                                                        cfg.model.d_model, self.seq_len)
@@ -131,12 +136,19 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
+        self.skipped_steps = 0
         self.mlflow_run_id: str | None = None
         self.stop_signal: int | None = None
         if resume:
             self._restore(self.checkpoints.load(self.engine, resume))
         self.tracker = self._start_tracking() if self.rank == 0 and cfg.tracking.enabled else None
         self._batches = batches(self.stream, cfg.data.micro_batch_size)
+        self._keys_file = None
+        if t.record_sample_keys:
+            (self.run_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
+            self._keys_file = open(self.run_dir / "sample_keys" / f"rank{self.rank}.tsv", "a")
+        # Fault injection for tests of the non-finite guard: MDLM_INJECT_NAN_STEPS="5,6".
+        self._inject_nan_steps = {int(s) for s in os.environ.get("MDLM_INJECT_NAN_STEPS", "").split(",") if s}
 
     # ---- setup helpers -------------------------------------------------------------------
     def deepspeed_config(self) -> dict:
@@ -214,6 +226,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
             "world_size": self.world,
             "per_rank": per_rank,
             "ema": self.ema.state_dict() if self.ema else None,
@@ -226,6 +239,7 @@ class Trainer:
             return
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.mlflow_run_id = state.get("mlflow_run_id")
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"], self.device)
@@ -276,7 +290,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.float64)
         for micro in range(self.grad_accum):
-            x0, valid, _ = next(self._batches)
+            x0, valid, keys = next(self._batches)
+            if self._keys_file is not None:
+                self._keys_file.write("".join(f"{self.step + 1}\t{k}\n" for k in keys))
+                self._keys_file.flush()
             start = (micro * self.world + self.rank) * mb
             kwargs = {"valid": valid.to(self.device) if valid is not None else None}
             if self.is_mdlm:
@@ -284,7 +301,10 @@ class Trainer:
                 out = self.engine(x0.to(self.device), times[start:start + mb].to(self.device), **kwargs)
             else:
                 out = self.engine(x0.to(self.device), **kwargs)
-            self.engine.backward(out.loss)
+            loss = out.loss
+            if self.step + 1 in self._inject_nan_steps:
+                loss = loss * float("nan")
+            self.engine.backward(loss)
             self.engine.step()
             loss_sum += out.loss_sum.detach().double().cpu()
             tokens += out.num_tokens.detach().double().cpu()
@@ -294,19 +314,28 @@ class Trainer:
         loss = (stats[0] / stats[1]).item()
         self.tokens_seen += int(self.cfg.train.global_batch_size * self.seq_len)
         self.step += 1
-        if not math.isfinite(loss):
+        # ZeRO's optimizer already refuses a step whose gradients are not finite (and keeps the
+        # LR schedule where it was); count such steps and give up after K in a row.
+        applied = self.engine.was_step_applied() and math.isfinite(loss)
+        if not applied:
             self.bad_steps += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradients (loss %s): update skipped (%d in a row)",
+                        self.step, loss, self.bad_steps)
             if self.bad_steps >= self.cfg.train.max_bad_steps:
-                raise FloatingPointError(f"loss was not finite for {self.bad_steps} steps in a row "
-                                         f"(step {self.step}); lower optim.lr or check the data")
+                raise FloatingPointError(
+                    f"loss or gradients were not finite for {self.bad_steps} steps in a row (last: step "
+                    f"{self.step}); training stopped. Lower optim.lr, check the data, or resume from "
+                    f"the last checkpoint in {self.checkpoints.root}")
         else:
             self.bad_steps = 0
-        if self.ema:
-            with self._gathered():
-                self.ema.update(self.engine.module.named_parameters())
+            if self.ema:
+                with self._gathered():
+                    self.ema.update(self.engine.module.named_parameters())
         grad_norm = self.engine.get_global_grad_norm()
         return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "train/skipped_steps": self.skipped_steps}
 
     def eval_model(self) -> torch.nn.Module:
         model = build_model(self.cfg.model).to(self.device)
@@ -314,7 +343,8 @@ class Trainer:
             model.load_state_dict(self.ema.shadow)
         else:
             with self._gathered():
-                model.load_state_dict({n: p.detach().float() for n, p in self.engine.module.state_dict().items()})
+                model.load_state_dict({plain_name(n): p.detach().float()
+                                       for n, p in self.engine.module.state_dict().items()})
         return model
 
     def evaluate(self) -> dict:

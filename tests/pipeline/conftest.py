@@ -42,3 +42,26 @@ def markov_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("markov")
     write_markov_shards(out, vocab=16, seq_len=32, train_samples=512, val_samples=64, samples_per_shard=128)
     return out
+
+
+def run_single(run_dir: Path, data_dir: Path, *overrides: str, resume: str | None = None,
+               env_extra: dict | None = None, timeout: int = 300, check: bool = True,
+               config: str = "configs/train/tiny-test.yaml") -> subprocess.CompletedProcess:
+    """One bare training process (a one-rank gloo group): cheaper than the launcher."""
+    cmd = [sys.executable, "pipeline/train.py", "--config", config, f"data.path={data_dir}",
+           f"run_dir={run_dir}", *overrides]
+    if resume:
+        cmd += ["--resume", resume]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    env.update(env_extra or {})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def logged_losses(output: str) -> dict[int, str]:
+    """step -> loss as printed in the console log (4 decimals)."""
+    import re
+
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"step (\d+)/\d+ loss (\S+)", output)}

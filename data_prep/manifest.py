@@ -1,0 +1,70 @@
+"""manifest.json: the description of a prepared dataset, and a small reader for the trainer.
+
+Fields (format_version 1):
+  format_version, tokenizer {name, vocab_size, bos_id, eos_id, pad_id, mask_id, files {name: sha256}},
+  model_vocab_size, mask_token_id, seq_len, packing, dtype,
+  splits {train|val: {shards [{name, samples, tokens, sha256}], documents, samples, tokens}},
+  dropped_tail_tokens, truncated_tokens, skipped {reason: count}, job {resolved config}.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+
+
+class ManifestError(ValueError):
+    """manifest.json is missing, unreadable or of an unsupported format."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def dumps(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
+    path = Path(out_dir) / MANIFEST_NAME
+    atomic_write_text(path, dumps(manifest))
+    return path
+
+
+def load_manifest(out_dir: str | Path) -> dict:
+    """Read DIR/manifest.json (or a manifest path) and check its format version."""
+    p = Path(out_dir)
+    path = p if p.is_file() else p / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist: is '{out_dir}' the output folder of a finished "
+                            "data_prep job?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ManifestError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise ManifestError(f"{path} has no format_version: not a data_prep manifest")
+    version = data["format_version"]
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{path} has format_version {version!r}; this code reads version "
+                            f"{FORMAT_VERSION}: re-run data_prep or use a matching version of the code")
+    for key in ("tokenizer", "seq_len", "packing", "dtype", "splits", "model_vocab_size", "mask_token_id"):
+        if key not in data:
+            raise ManifestError(f"{path} lacks the field '{key}'")
+    return data
+
+
+def shard_paths(out_dir: str | Path, manifest: dict, split: str) -> list[Path]:
+    """Absolute paths of the shards of a split, in order."""
+    return [Path(out_dir) / s["name"] for s in manifest["splits"].get(split, {}).get("shards", [])]
