@@ -8,6 +8,7 @@ from typing import Literal
 from model.config import ModelConfig, expand_preset
 
 from .configtools import ConfigError, load_config
+from .precision import FP8Config
 
 
 @dataclass
@@ -17,6 +18,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1234
     eval_split: str = "val"
+    # "shard": each rank reads its own shards (scales); "sample": every rank reads every shard and
+    # keeps every W-th sample, so the global batches do not depend on the world size.
+    split_by: Literal["shard", "sample"] = "shard"
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
@@ -47,7 +51,7 @@ class TrainConfig:
     max_steps: int = 1000
     global_batch_size: int = 512   # sequences per optimizer step over all ranks
     seed: int = 42
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp32", "fp8"] = "bf16"   # fp8: bf16 everywhere + FP8 block matmuls
     zero_stage: int = 2
     deepspeed_config: str = ""     # optional JSON merged under the generated DeepSpeed config
     ema: float = 0.9999            # 0 disables EMA
@@ -105,6 +109,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
 
     def validate(self) -> None:
         if not self.data.path:

@@ -1,7 +1,8 @@
 """Deterministic, resumable streaming of webdataset shards for each data-parallel rank.
 
 Per epoch the shard order is a seeded permutation; rank r reads shards r, r+W, ... (or, with
-fewer shards than ranks, every W-th sample of every shard). Inside a shard the samples are
+fewer shards than ranks or split_by="sample", every W-th sample of every shard: the global
+order is then the same for every world size, at W times the reading). Inside a shard the samples are
 visited in a seeded permutation. The position (epoch, shard cursor, sample cursor) is therefore
 enough to resume exactly at the next unseen sample, skipping finished shards without reading them.
 """
@@ -57,7 +58,7 @@ class ShardStream:
     """An endless (or single-pass) stream of samples for one data-parallel rank."""
 
     def __init__(self, data_dir: str | Path, split: str, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, loop: bool = True):
+                 seed: int = 0, shuffle: bool = True, loop: bool = True, split_by: str = "shard"):
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         if split not in self.manifest["splits"]:
@@ -68,13 +69,16 @@ class ShardStream:
             raise ValueError(f"split '{split}' of {self.data_dir} has no shards")
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.loop = seed, shuffle, loop
+        if split_by not in ("shard", "sample"):
+            raise ValueError(f"split_by must be 'shard' or 'sample', got {split_by!r}")
+        self.split_by = split_by
         self.position = StreamPosition()
 
     def _epoch_plan(self, epoch: int) -> tuple[list[int], bool]:
         order = np.arange(len(self.shards))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        if len(order) >= self.world_size:
+        if self.split_by == "shard" and len(order) >= self.world_size:
             return [int(i) for i in order[self.rank::self.world_size]], False
         return [int(i) for i in order], True
 

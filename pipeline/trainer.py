@@ -25,6 +25,7 @@ from .checkpoint import CheckpointManager
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
 from .data import ShardStream, batches, load_manifest
+from .precision import apply_fp8, check_fp8, te_autocast
 from .distributed import init_distributed
 from .tracking import Tracker, default_tracking_uri
 
@@ -73,6 +74,49 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON: an optional file from configs/deepspeed/ with the run's batch sizes,
+    precision, clipping and ZeRO stage written over it."""
+    t = cfg.train
+    per_step = cfg.data.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"data.micro_batch_size x world size = {per_step}")
+    ds: dict = {}
+    if t.deepspeed_config:
+        path = Path(t.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed_config '{path}' does not exist")
+        ds = json.loads(path.read_text())
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = t.zero_stage
+    ds.update({
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // per_step,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {**ds.get("bf16", {}), "enabled": t.precision in ("bf16", "fp8")},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    })
+    return ds
+
+
+def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device: torch.device):
+    """DeepSpeed engine with the project's AdamW (fused on GPU) and LR schedule."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=build_deepspeed_config(cfg, world_size), dist_init_required=False)
+    return engine, scheduler
+
+
 class EMA:
     """fp32 exponential moving average of the parameters (by name), kept on every rank."""
 
@@ -94,8 +138,6 @@ class EMA:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None):
-        import deepspeed
-
         self.cfg = cfg
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
@@ -105,14 +147,18 @@ class Trainer:
         resolve_vocab(cfg.model, self.manifest)
         self.seq_len = int(self.manifest["seq_len"])
         t = cfg.train
-        per_step = cfg.data.micro_batch_size * self.world
-        if t.global_batch_size % per_step:
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                              f"data.micro_batch_size x world size = {per_step}")
-        self.grad_accum = t.global_batch_size // per_step
+        if t.precision == "fp8":
+            check_fp8(cfg.fp8, cfg.model.d_model, cfg.model.mlp_ratio,
+                      cfg.data.micro_batch_size * self.seq_len, self.device)
+        self.grad_accum = build_deepspeed_config(cfg, self.world)["gradient_accumulation_steps"]
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
+        if t.precision == "fp8":
+            converted = apply_fp8(model, cfg.fp8)
+            if self.rank == 0:
+                log.info("fp8 (%s, %s) on %d block linears", cfg.fp8.backend, cfg.fp8.recipe, len(converted))
+        self._fp8_context = (lambda: te_autocast(cfg.fp8)) if t.precision == "fp8" else contextlib.nullcontext
         if t.activation_checkpointing:
             apply_activation_checkpointing(model)
         if t.compile:
@@ -121,17 +167,12 @@ class Trainer:
         self.flops_per_token = metrics.flops_per_token(metrics.matmul_params(model), cfg.model.n_layers,
                                                        cfg.model.d_model, self.seq_len)
         self.n_params = count_parameters(model)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                      fused=self.device.type == "cuda")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config(),
-            dist_init_required=False)
+        self.engine, self.scheduler = make_engine(model, cfg, self.world, self.device)
         torch.manual_seed(t.seed + 7919 * (self.rank + 1))  # dropout streams differ per rank
         self.ema = EMA(self._named_full_params(), t.ema) if t.ema > 0 else None
 
-        self.stream = ShardStream(cfg.data.path, "train", self.rank, self.world, cfg.data.seed, cfg.data.shuffle)
+        self.stream = ShardStream(cfg.data.path, "train", self.rank, self.world, cfg.data.seed, cfg.data.shuffle,
+                                  split_by=cfg.data.split_by)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank)
         self.step = 0
         self.tokens_seen = 0
@@ -151,28 +192,6 @@ class Trainer:
         self._inject_nan_steps = {int(s) for s in os.environ.get("MDLM_INJECT_NAN_STEPS", "").split(",") if s}
 
     # ---- setup helpers -------------------------------------------------------------------
-    def deepspeed_config(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        ds: dict = {}
-        if t.deepspeed_config:
-            path = Path(t.deepspeed_config)
-            if not path.is_file():
-                raise ConfigError(f"train.deepspeed_config '{path}' does not exist")
-            ds = json.loads(path.read_text())
-        zero = dict(ds.get("zero_optimization", {}))
-        zero["stage"] = t.zero_stage
-        ds.update({
-            "train_batch_size": t.global_batch_size,
-            "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-            "gradient_accumulation_steps": self.grad_accum,
-            "gradient_clipping": cfg.optim.grad_clip,
-            "bf16": {**ds.get("bf16", {}), "enabled": t.precision == "bf16"},
-            "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        })
-        return ds
-
     @contextlib.contextmanager
     def _gathered(self):
         if self.cfg.train.zero_stage == 3:
@@ -294,13 +313,15 @@ class Trainer:
             if self._keys_file is not None:
                 self._keys_file.write("".join(f"{self.step + 1}\t{k}\n" for k in keys))
                 self._keys_file.flush()
-            start = (micro * self.world + self.rank) * mb
+            # local sample k of this step is global sample k * W + rank (exact with split_by=sample)
+            rows = (torch.arange(micro * mb, (micro + 1) * mb) * self.world + self.rank)
             kwargs = {"valid": valid.to(self.device) if valid is not None else None}
-            if self.is_mdlm:
-                kwargs["noise"] = uniforms[start:start + mb].to(self.device)
-                out = self.engine(x0.to(self.device), times[start:start + mb].to(self.device), **kwargs)
-            else:
-                out = self.engine(x0.to(self.device), **kwargs)
+            with self._fp8_context():
+                if self.is_mdlm:
+                    kwargs["noise"] = uniforms[rows].to(self.device)
+                    out = self.engine(x0.to(self.device), times[rows].to(self.device), **kwargs)
+                else:
+                    out = self.engine(x0.to(self.device), **kwargs)
             loss = out.loss
             if self.step + 1 in self._inject_nan_steps:
                 loss = loss * float("nan")
@@ -374,10 +395,14 @@ class Trainer:
         return [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens]
 
     def _log(self, metrics_: dict) -> None:
+        """Rank 0: MLflow, plus <run_dir>/metrics.jsonl (full precision, survives tracking outages)."""
         if self.rank != 0:
             return
         if self.tracker:
             self.tracker.log_metrics(metrics_, self.step)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": self.step, **metrics_}) + "\n")
 
     def run(self) -> dict:
         t = self.cfg.train

@@ -65,3 +65,15 @@ def logged_losses(output: str) -> dict[int, str]:
     import re
 
     return {int(m.group(1)): m.group(2) for m in re.finditer(r"step (\d+)/\d+ loss (\S+)", output)}
+
+
+def metric_series(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """step -> value from <run_dir>/metrics.jsonl; a resumed run's later lines win."""
+    import json
+
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            out[row["step"]] = row[key]
+    return out

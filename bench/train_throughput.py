@@ -1,0 +1,199 @@
+"""Training throughput, side by side in one process: a plain PyTorch step against the project's
+DeepSpeed step (and FP8 variants), same model, same micro-batch, same data.
+
+GPU (one H100/H200):
+    python bench/train_throughput.py --preset mdlm-1b --micro-batch 8 --seq-len 1024 --compile \
+        --modes plain,deepspeed,deepspeed-fp8 [--data DIR --loss-steps 300]
+CPU smoke run (tiny preset):
+    python bench/train_throughput.py --preset mdlm-tiny --device cpu --micro-batch 4 --seq-len 64 \
+        --steps 3 --warmup 1 --precision fp32
+
+Prints tokens/s, MFU (6N + 12 L d S FLOPs per token, pipeline/metrics.py), peak memory and the
+ratio of each mode to the plain step; writes the figures as JSON (--output).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from model.config import model_config  # noqa: E402
+from model.mdlm import build_model  # noqa: E402
+from model.noise import stratified_times  # noqa: E402
+from pipeline import metrics  # noqa: E402
+from pipeline.adapters import compile_blocks  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
+from pipeline.precision import FP8Config, apply_fp8, te_autocast  # noqa: E402
+from pipeline.trainer import lr_lambda, make_engine, param_groups  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="mdlm-1b")
+    p.add_argument("--vocab-size", type=int, default=50258)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
+    p.add_argument("--modes", default="plain,deepspeed",
+                   help="comma list of plain, plain-fp8, deepspeed, deepspeed-fp8")
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--fp8-backend", default="torchao", choices=("torchao", "te"))
+    p.add_argument("--fp8-recipe", default="", help="default: tensorwise (torchao) / delayed (te)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default="", help="a data_prep dir: train on real text instead of random ids")
+    p.add_argument("--loss-steps", type=int, default=0, help="also train this many steps per mode and report the loss")
+    p.add_argument("--output", default="", help="write the figures as JSON here")
+    return p.parse_args(argv)
+
+
+def batch_source(args, vocab: int, device):
+    if args.data:
+        from pipeline.data import ShardStream, batches
+
+        stream = batches(ShardStream(args.data, "train", seed=0), args.micro_batch)
+        while True:
+            yield next(stream)[0].to(device)
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randint(0, vocab - 1, (args.micro_batch, args.seq_len), generator=gen).to(device)
+
+
+def noise(step: int, n: int, seq_len: int, device):
+    gen = torch.Generator().manual_seed(step)
+    return stratified_times(n, 1e-3, gen).to(device), torch.rand(n, seq_len, generator=gen).to(device)
+
+
+def run_config(args, cfg_model) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model = cfg_model
+    cfg.data.micro_batch_size = args.micro_batch
+    cfg.train.global_batch_size = args.micro_batch * args.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.train.zero_stage = args.zero_stage
+    cfg.train.precision = args.precision
+    cfg.optim.warmup_steps = 0
+    return cfg
+
+
+def build(args, mode: str, device):
+    torch.manual_seed(0)
+    cfg_model = model_config(args.preset, vocab_size=args.vocab_size, dropout=0.0)
+    model = build_model(cfg_model)
+    fp8 = FP8Config(backend=args.fp8_backend,
+                    recipe=args.fp8_recipe or ("tensorwise" if args.fp8_backend == "torchao" else "delayed"))
+    if mode.endswith("fp8"):
+        apply_fp8(model, fp8)
+    if args.compile:
+        compile_blocks(model)
+    context = (lambda: te_autocast(fp8)) if mode.endswith("fp8") else contextlib.nullcontext
+    bf16 = args.precision == "bf16" or mode.endswith("fp8")
+    if mode.startswith("deepspeed"):
+        cfg = run_config(args, cfg_model)
+        if mode.endswith("fp8"):
+            cfg.train.precision = "bf16"
+        engine, _ = make_engine(model, cfg, int(os.environ.get("WORLD_SIZE", "1")), device)
+
+        def step(x0, t, u):
+            for i in range(args.grad_accum):
+                with context():
+                    out = engine(x0, t, noise=u)
+                engine.backward(out.loss)
+                engine.step()
+            return out.loss
+
+        return model, step
+    model.to(device)  # fp32 weights, bf16 autocast: the plain PyTorch recipe
+    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=3e-4, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run_config(args, cfg_model)))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step(x0, t, u):
+        for _ in range(args.grad_accum):
+            with amp, context():
+                out = model(x0, t, noise=u)
+            (out.loss / args.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    return model, step
+
+
+def measure(args, mode: str, device) -> dict:
+    model, step = build(args, mode, device)
+    flops_tok = metrics.flops_per_token(metrics.matmul_params(model), model.cfg.n_layers,
+                                        model.cfg.d_model, args.seq_len)
+    data = batch_source(args, model.cfg.vocab_size, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(args.warmup):
+        t, u = noise(i, args.micro_batch, args.seq_len, device)
+        step(next(data), t, u)
+    sync()
+    start = time.perf_counter()
+    for i in range(args.steps):
+        t, u = noise(args.warmup + i, args.micro_batch, args.seq_len, device)
+        loss = step(next(data), t, u)
+    sync()
+    elapsed = time.perf_counter() - start
+    tokens = args.steps * args.grad_accum * args.micro_batch * args.seq_len
+    tps = tokens / elapsed
+    peak = metrics.peak_flops(device)
+    result = {"mode": mode, "tokens_per_s": tps, "step_ms": 1000 * elapsed / args.steps,
+              "model_tflops": tps * flops_tok / 1e12, "mfu": tps * flops_tok / peak if peak else None,
+              "mem_gb": metrics.memory_gb(device), "last_loss": float(loss)}
+    if args.loss_steps:
+        losses = []
+        for i in range(args.loss_steps):
+            t, u = noise(10_000 + i, args.micro_batch, args.seq_len, device)
+            losses.append(float(step(next(data), t, u)))
+        tail = losses[-max(1, args.loss_steps // 10):]
+        result["loss_after"] = {"steps": args.warmup + args.steps + args.loss_steps, "mean_last_10pct": sum(tail) / len(tail)}
+    del model, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if any(m.startswith("deepspeed") for m in modes):
+        from pipeline.distributed import init_distributed
+
+        init_distributed()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}; preset {args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, "
+          f"accumulation {args.grad_accum}, compile {args.compile}, zero {args.zero_stage}")
+    results = [measure(args, mode, device) for mode in modes]
+    base = next((r for r in results if r["mode"] == "plain"), results[0])
+    print(f"{'mode':<16}{'tokens/s':>12}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>9}{'loss':>9}")
+    for r in results:
+        r["ratio_to_" + base["mode"]] = r["tokens_per_s"] / base["tokens_per_s"]
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
+        loss = r.get("loss_after", {}).get("mean_last_10pct", r["last_loss"])
+        print(f"{r['mode']:<16}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}"
+              f"{r['model_tflops']:>10.1f}{mfu:>8}{r['mem_gb']:>9.2f}{loss:>9.4f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"device": name, "args": vars(args), "results": results}, indent=2))
+    return 0 if all(math.isfinite(r["last_loss"]) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""FP8 training adapters (torchao float8 or Transformer Engine) and their preconditions.
+
+FP8 applies to the transformer blocks' projections only; the embedding, the output head, the
+adaLN and timestep MLPs stay in bf16 (small, and sensitive to range). Everything is checked
+before any work: backend importable, GPU compute capability >= 8.9, dimensions divisible by 16.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .configtools import ConfigError
+
+BLOCK_LINEARS = ("attn_qkv", "attn_out", "mlp_in", "mlp_out")
+
+
+@dataclass
+class FP8Config:
+    backend: Literal["torchao", "te"] = "torchao"
+    recipe: Literal["tensorwise", "rowwise", "delayed", "current"] = "tensorwise"
+    amax_history_len: int = 16             # TE delayed scaling
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    keep_first_last_block_bf16: bool = False
+
+    def validate(self) -> None:
+        valid = {"torchao": ("tensorwise", "rowwise"), "te": ("delayed", "current")}
+        if self.recipe not in valid[self.backend]:
+            raise ConfigError(f"fp8.recipe '{self.recipe}' does not apply to fp8.backend '{self.backend}'; "
+                              f"choose one of {', '.join(valid[self.backend])}")
+
+
+def backend_available(backend: str) -> tuple[bool, str]:
+    """(importable, reason). Transformer Engine cannot even be imported without a GPU driver."""
+    try:
+        if backend == "te":
+            import transformer_engine.pytorch  # noqa: F401
+        else:
+            import torchao.float8  # noqa: F401
+    except Exception as err:  # ImportError, or TE's OSError about missing CUDA libraries
+        pkg = "transformer-engine[pytorch]" if backend == "te" else "torchao"
+        return False, f"{backend} is not importable ({type(err).__name__}: {err}); install it with pip install '{pkg}'"
+    return True, ""
+
+
+def check_fp8(fp8: FP8Config, d_model: int, mlp_ratio: int, tokens_per_micro_batch: int,
+              device: torch.device) -> None:
+    """Raise ConfigError naming the first precondition that fails."""
+    if device.type != "cuda":
+        raise ConfigError("train.precision=fp8 needs an NVIDIA GPU with compute capability >= 8.9 "
+                          "(H100/H200/L40S/RTX 4090); this process has no GPU: use bf16 or fp32")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise ConfigError(f"train.precision=fp8 needs compute capability >= 8.9; "
+                          f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use bf16")
+    check_fp8_shapes(d_model, mlp_ratio, tokens_per_micro_batch)
+    ok, reason = backend_available(fp8.backend)
+    if not ok:
+        raise ConfigError(f"fp8.backend={fp8.backend}: {reason}")
+
+
+def check_fp8_shapes(d_model: int, mlp_ratio: int, tokens_per_micro_batch: int) -> None:
+    for name, value in (("model.d_model", d_model), ("MLP width", d_model * mlp_ratio),
+                        ("micro_batch_size x seq_len", tokens_per_micro_batch)):
+        if value % 16:
+            raise ConfigError(f"fp8 matmuls need {name} divisible by 16 (got {value})")
+
+
+def fp8_linear_names(model: nn.Module, keep_first_last_block_bf16: bool = False) -> list[str]:
+    """Fully qualified names of the block projections that run in FP8."""
+    blocks = [n for n, _ in model.named_modules() if re.search(r"(^|\.)blocks\.\d+$", n)]
+    skip = {blocks[0], blocks[-1]} if keep_first_last_block_bf16 and len(blocks) > 2 else set()
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in BLOCK_LINEARS:
+            if not any(name.startswith(b + ".") for b in skip):
+                names.append(name)
+    return names
+
+
+def apply_fp8(model: nn.Module, fp8: FP8Config) -> list[str]:
+    """Convert the selected linears in place; returns their names."""
+    names = set(fp8_linear_names(model, fp8.keep_first_last_block_bf16))
+    if fp8.backend == "torchao":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(model, module_filter_fn=lambda _m, fqn: fqn in names,
+                                   config=Float8LinearConfig.from_recipe_name(fp8.recipe))
+        return sorted(names)
+    import transformer_engine.pytorch as te
+
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old: nn.Linear = getattr(parent, child)
+        new = te.Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                        params_dtype=old.weight.dtype, device=old.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        setattr(parent, child, new)
+    return sorted(names)
+
+
+def te_autocast(fp8: FP8Config, group=None):
+    """The context every forward runs under with the TE backend (amax reduced over `group`)."""
+    if fp8.backend != "te":
+        return contextlib.nullcontext()
+    import transformer_engine.pytorch as te
+    from transformer_engine.common import recipe
+
+    if fp8.recipe == "delayed":
+        rec = recipe.DelayedScaling(amax_history_len=fp8.amax_history_len, amax_compute_algo=fp8.amax_compute_algo)
+    else:
+        rec = recipe.Float8CurrentScaling()
+    return te.fp8_autocast(enabled=True, fp8_recipe=rec, fp8_group=group)
