@@ -1,8 +1,14 @@
-"""MLflow tracking from global rank 0; a tracking failure warns and never stops training."""
+"""MLflow tracking from global rank 0 that never stalls or kills training.
+
+Calls go through a background thread in order; when the tracking server is unreachable they are
+kept and retried with backoff, so a server outage delays metrics instead of losing them.
+"""
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,17 +20,18 @@ def default_tracking_uri(run_dir: str | Path) -> str:
 
 
 class Tracker:
-    """Thin MLflow wrapper: start or resume a run, log params/metrics/artifacts with retries."""
-
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                 retries: int = 3, retry_wait_s: float = 1.0, artifact_dir: str | Path | None = None):
+                 artifact_dir: str | Path | None = None, max_pending: int = 100_000,
+                 retry_wait_s: float = 2.0, max_wait_s: float = 60.0):
+        # MLflow's own HTTP retries would block for minutes per call during an outage; this
+        # class retries itself, off the training thread.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         import mlflow
 
         self.mlflow = mlflow
-        self.retries, self.retry_wait_s = retries, retry_wait_s
-        self.failures = 0
-        mlflow.set_tracking_uri(uri)
         self.uri = uri
+        mlflow.set_tracking_uri(uri)
         if run_id:
             self.run = mlflow.start_run(run_id=run_id)
         else:
@@ -36,33 +43,99 @@ class Tracker:
             mlflow.set_experiment(experiment)
             self.run = mlflow.start_run(run_name=run_name or None)
         self.run_id = self.run.info.run_id
+        self.client = mlflow.tracking.MlflowClient(uri)
+        self.max_pending = max_pending
+        self.retry_wait_s, self.max_wait_s = retry_wait_s, max_wait_s
+        self.failures = 0      # calls that failed at least once
+        self.dropped = 0       # calls dropped because the queue overflowed
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._worker = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
+        self._worker.start()
 
-    def _call(self, what: str, fn, *args, **kwargs) -> bool:
-        for attempt in range(self.retries):
+    # ---- background delivery -------------------------------------------------------------
+    def _submit(self, what: str, fn, *args, **kwargs) -> None:
+        with self._cond:
+            if len(self._queue) >= self.max_pending:
+                self._queue.popleft()
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("MLflow queue full (%d calls): dropping the oldest", self.max_pending)
+            self._queue.append((what, fn, args, kwargs))
+            self._cond.notify()
+
+    def _drain(self) -> None:
+        wait = self.retry_wait_s
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue and self._closing:
+                    return
+                what, fn, args, kwargs = self._queue[0]
             try:
                 fn(*args, **kwargs)
-                return True
-            except Exception as err:  # tracking must never kill training
-                if attempt == self.retries - 1:
-                    self.failures += 1
-                    log.warning("MLflow %s failed after %d tries (%s); training continues",
-                                what, self.retries, err)
-                    return False
-                time.sleep(self.retry_wait_s * (attempt + 1))
-        return False
+            except Exception as err:  # the server is down or slow: keep the call, retry later
+                self.failures += 1
+                log.warning("MLflow %s failed (%s); retrying in %.0fs, training continues", what,
+                            str(err).splitlines()[0][:200], wait)
+                with self._cond:
+                    if self._closing and self._deadline is not None and time.time() > self._deadline:
+                        return
+                time.sleep(wait)
+                wait = min(wait * 2, self.max_wait_s)
+                continue
+            wait = self.retry_wait_s
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
 
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every queued call is delivered (True) or the timeout passes (False)."""
+        deadline = time.time() + timeout_s
+        with self._cond:
+            while self._queue and time.time() < deadline:
+                self._cond.wait(timeout=min(1.0, deadline - time.time()))
+            return not self._queue
+
+    # ---- the API the trainer uses ------------------------------------------------------
     def log_params(self, params: dict) -> None:
         clean = {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
-        self._call("log_params", self.mlflow.log_params, clean)
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in clean.items()]
+        for i in range(0, len(items), 100):  # the REST API takes at most 100 params per batch
+            self._submit("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        self._call("log_metrics", self.mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._submit("log_metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", self.mlflow.log_artifact, str(path), artifact_path)
+        self._submit("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict) -> None:
-        self._call("set_tags", self.mlflow.set_tags, tags)
+        for key, value in tags.items():
+            self._submit("set_tag", self.client.set_tag, self.run_id, key, str(value))
 
-    def end(self, status: str = "FINISHED") -> None:
-        self._call("end_run", self.mlflow.end_run, status=status)
+    _deadline: float | None = None
+
+    def end(self, status: str = "FINISHED", timeout_s: float = 120.0) -> bool:
+        """Deliver what is queued (up to timeout_s), then close the run. False if calls were lost."""
+        self._submit("set_terminated", self.client.set_terminated, self.run_id, status)
+        delivered = self.flush(timeout_s)
+        with self._cond:
+            self._closing = True
+            self._deadline = time.time()
+            self._cond.notify_all()
+        if not delivered:
+            log.warning("MLflow: %d tracking calls could not be delivered to %s", len(self._queue), self.uri)
+        try:
+            self.mlflow.end_run(status=status)
+        except Exception as err:
+            log.warning("MLflow end_run failed (%s)", err)
+        return delivered and self.dropped == 0

@@ -1,0 +1,94 @@
+"""Tracking to a real `mlflow server` on 127.0.0.1, including the server going down mid-run."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import free_port, run_single
+from .test_fault_tolerance import start_training, wait_for_line
+
+
+class MlflowServer:
+    def __init__(self, store: Path, port: int):
+        self.store, self.port, self.proc = store, port, None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> None:
+        exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+        self.proc = subprocess.Popen(
+            [exe, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.store}/mlflow.db",
+             "--artifacts-destination", str(self.store / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError("mlflow server did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path / "store", free_port())
+    (tmp_path / "store").mkdir()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_training_survives_a_server_outage_and_delivers_every_metric(markov_data, tmp_path, server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    run_dir = tmp_path / "run"
+    proc = start_training(run_dir, markov_data, "train.max_steps=40", "train.log_every=1",
+                          "train.checkpoint_every=0", "eval.max_batches=1")
+    wait_for_line(proc, "step 5/40")
+    server.stop()
+    lines = wait_for_line(proc, "MLflow log_metrics failed")
+    time.sleep(3)
+    server.start()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(lines) + out
+    client = MlflowClient(server.uri)
+    run = client.search_runs(client.get_experiment_by_name("mdlm-pretrain").experiment_id)[0]
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps == list(range(1, 41))  # nothing lost during the outage
+    assert "eval/ppl_bound" in run.data.metrics
+    assert run.data.params["train.max_steps"] == "40"
+    assert run.info.status == "FINISHED"
+    assert "samples" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_unreachable_tracking_server_does_not_stop_training(markov_data, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = run_single(tmp_path, markov_data, "train.max_steps=3", "eval.max_batches=1",
+                     env_extra={"MLFLOW_TRACKING_URI": dead})
+    text = out.stdout + out.stderr
+    assert "MLflow tracking unavailable" in text
+    assert "TRAIN_SUMMARY" in text
+    assert (tmp_path / "checkpoints" / "step00000003" / "COMPLETE").is_file()
