@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from pipeline.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except ConfigError as err:  # raised before any training step: precision, shapes, batch sizes
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     summary = trainer.run()
     if trainer.rank == 0:
         print("TRAIN_SUMMARY " + json.dumps(summary))

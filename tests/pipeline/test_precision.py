@@ -1,0 +1,82 @@
+"""FP8 preconditions, layer selection and checkpoint interchange (torchao runs emulated on CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import model_config
+from model.mdlm import build_model
+from pipeline.configtools import ConfigError
+from pipeline.precision import (FP8Config, apply_fp8, backend_available, check_fp8, check_fp8_shapes,
+                                fp8_linear_names)
+
+from .conftest import run_single
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return build_model(model_config("mdlm-tiny", vocab_size=65, n_layers=4, d_model=64, **kw))
+
+
+def test_only_block_projections_are_selected():
+    names = fp8_linear_names(tiny())
+    assert len(names) == 4 * 4
+    assert all(n.split(".")[-1] in ("attn_qkv", "attn_out", "mlp_in", "mlp_out") for n in names)
+    assert not any("final" in n or "adaLN" in n or "sigma_map" in n for n in names)
+    kept = fp8_linear_names(tiny(), keep_first_last_block_bf16=True)
+    assert len(kept) == 2 * 4 and not any(".blocks.0." in n or ".blocks.3." in n for n in kept)
+
+
+def test_fp8_on_a_cpu_box_fails_fast_and_says_why():
+    with pytest.raises(ConfigError, match="needs an NVIDIA GPU with compute capability >= 8.9"):
+        check_fp8(FP8Config(), 128, 4, 4096, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("d_model, tokens, name", [(120, 4096, "model.d_model"), (128, 4100, "micro_batch_size x seq_len")])
+def test_shapes_must_be_multiples_of_16(d_model, tokens, name):
+    with pytest.raises(ConfigError, match=f"fp8 matmuls need {name} divisible by 16"):
+        check_fp8_shapes(d_model, 4, tokens)
+
+
+def test_recipe_must_match_backend():
+    from pipeline.configtools import from_dict
+
+    with pytest.raises(ConfigError, match="fp8.recipe 'delayed' does not apply to fp8.backend 'torchao'"):
+        from_dict(FP8Config, {"backend": "torchao", "recipe": "delayed"}, "fp8")
+
+
+def test_transformer_engine_absence_is_reported_not_crashed():
+    ok, reason = backend_available("te")
+    if ok:
+        pytest.skip("Transformer Engine is installed here; the absence path cannot be shown")
+    assert "pip install 'transformer-engine[pytorch]'" in reason
+
+
+def test_torchao_conversion_keeps_weights_interchangeable():
+    if not backend_available("torchao")[0]:
+        pytest.skip("torchao not installed")
+    plain = tiny()
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    fp8 = tiny()
+    converted = apply_fp8(fp8, FP8Config(backend="torchao"))
+    assert len(converted) == 16
+    assert type(fp8.get_submodule(converted[0])).__name__ == "Float8Linear"
+    fp8.load_state_dict(state)  # a bf16/fp32 checkpoint loads into the FP8 model ...
+    back = tiny()
+    back.load_state_dict(fp8.state_dict())  # ... and back, key for key
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    x = torch.randint(0, 64, (2, 32))
+    t = torch.full((2,), 0.5)
+    u = torch.rand(2, 32, generator=torch.Generator().manual_seed(0))
+    out_fp8, out_plain = fp8(x, t, noise=u).loss, back(x, t, noise=u).loss
+    out_fp8.backward()
+    # emulated FP8 on CPU: same loss to FP8 precision
+    assert abs(out_fp8.item() - out_plain.item()) / out_plain.item() < 0.1
+
+
+def test_train_cli_rejects_fp8_on_cpu_before_training(markov_data, tmp_path):
+    out = run_single(tmp_path, markov_data, "train.precision=fp8", check=False)
+    assert out.returncode == 2
+    assert "config error: train.precision=fp8 needs an NVIDIA GPU" in out.stderr
+    assert not (tmp_path / "checkpoints").exists()
