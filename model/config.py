@@ -7,6 +7,8 @@ from typing import Literal
 
 from pipeline.configtools import ConfigError
 
+# Sizes at the GPT-2 vocab (50258): small 169.6M and medium 424.5M parameters as in the reference;
+# 1b (ours, nothing larger was published) 1.25B.
 PRESETS: dict[str, dict] = {
     "mdlm-tiny": dict(n_layers=2, d_model=128, n_heads=4, cond_dim=64),
     "mdlm-small": dict(n_layers=12, d_model=768, n_heads=12, cond_dim=128),
@@ -36,6 +38,11 @@ class ModelConfig:
         if self.preset not in PRESETS and self.preset != "custom":
             raise ConfigError(f"model.preset '{self.preset}' is unknown; choose one of "
                               f"{', '.join(PRESETS)} or 'custom'")
+        for name in ("n_layers", "d_model", "n_heads", "mlp_ratio", "cond_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by "
                               f"model.n_heads={self.n_heads}")

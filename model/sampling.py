@@ -98,14 +98,18 @@ def mdlm_ancestral(model: MDLM, num_samples: int, length: int, steps: int, *,
             t = torch.tensor(1.0 - i / steps, dtype=torch.float64)
             s = torch.tensor(1.0 - (i + 1) / steps, dtype=torch.float64)
             if cached is None:
-                cached = model.log_probs(x, torch.full((num_samples,), float(t), device=device))
+                # only masked positions are ever drawn from, so the carry-over rows of SUBS are not
+                # built: log-softmax in place keeps one (B, L, V) tensor alive
+                cached = model.logits(x, torch.full((num_samples,), float(t), device=device))
+                cached -= cached.logsumexp(dim=-1, keepdim=True)
                 calls += 1
             m_t, m_s = sched.mask_prob(t).item(), sched.mask_prob(s).item() if i + 1 < steps else 0.0
             reveal = masked & (_uniform(x.shape, generator, device) < 1.0 - m_s / m_t)
-            if reveal.any():
+            changed = bool(reveal.any())
+            if changed:
                 x = x.clone()
                 x[reveal] = categorical(nucleus(cached[reveal], top_p), generator)
-            if reveal.any() or not cache_ok:
+            if changed or not cache_ok:
                 cached = None
     return SampleResult(x, calls)
 

@@ -49,7 +49,9 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False)
+    # every rank reads the (small) eval split and keeps every W-th sample: the evaluated set is
+    # the first samples of the split in file order, whatever the world size
+    stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False, split_by="sample")
     gen = torch.Generator(device="cpu").manual_seed(seed * 1000003 + rank)
     total, var, tokens, seqs = 0.0, 0.0, 0.0, 0
     for i, (x0, valid, _) in enumerate(batches(stream, batch_size, drop_last=False)):
@@ -99,16 +101,16 @@ def token_counts(data_dir: str | Path, split: str, vocab: int, max_samples: int 
 
 
 def unigram_perplexity(data_dir: str | Path, eval_split: str = "val", train_split: str = "train",
-                       max_train_samples: int = 0) -> dict:
+                       max_train_samples: int = 0, max_eval_samples: int = 0) -> dict:
     """Perplexity of the eval tokens under the add-one-smoothed unigram of the train tokens:
     the bar a model must clear to show it uses context."""
     manifest = load_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
     train = token_counts(data_dir, train_split, vocab, max_train_samples).astype(np.float64) + 1.0
     log_p = np.log(train / train.sum())
-    evals = token_counts(data_dir, eval_split, vocab)
+    evals = token_counts(data_dir, eval_split, vocab, max_eval_samples)
     nll = -(evals * log_p).sum() / evals.sum()
-    return {"unigram_nll": float(nll), "unigram_ppl": float(math.exp(nll)), "tokens": int(evals.sum())}
+    return {"unigram_nll": float(nll), "unigram_ppl": float(math.exp(nll)), "unigram_tokens": int(evals.sum())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or loaded.config["data"]["path"]
     result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
                                  args.max_batches, args.seed, discrete_steps=args.discrete_steps)
-    result.update(unigram_perplexity(data, args.split))
+    result.update(unigram_perplexity(data, args.split, max_eval_samples=args.max_batches * args.batch_size))
     result["conventions"] = conventions(load_manifest(data))
     result["checkpoint"] = str(loaded.path)
     text = json.dumps(result, indent=2)

@@ -366,7 +366,7 @@ class Trainer:
             with self._gathered():
                 model.load_state_dict({plain_name(n): p.detach().float()
                                        for n, p in self.engine.module.state_dict().items()})
-        return model
+        return model.eval()
 
     def evaluate(self) -> dict:
         from .evaluate import evaluate_likelihood
@@ -461,7 +461,9 @@ class Trainer:
         self._log_eval(result)
         summary = {"step": self.step, "eval": result}
         if self.rank == 0:
-            unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split)
+            e = self.cfg.eval
+            unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split, max_eval_samples=(
+                e.max_batches * (e.batch_size or self.cfg.data.micro_batch_size) * self.world))
             texts = self.sample()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             samples_path = self.run_dir / "samples.txt"

@@ -3,12 +3,14 @@ webdataset shards, checkpoints and resume, and an MLflow sqlite store read back 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import launch_train
+from .conftest import ROOT, launch_train
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
@@ -84,3 +86,45 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(runs):
     local = client.download_artifacts(run_id, "samples/samples.txt")
     text = Path(local).read_text()
     assert text.count("=====") == 1 and "t" in text  # 2 samples of WordLevel tokens
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_evaluate_cli_reports_bound_with_error_and_conventions(runs, tmp_path):
+    out = tmp_path / "eval.json"
+    run_cli("-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"] / "checkpoints"),
+            "--time-samples", "4", "--max-batches", "2", "--batch-size", "8", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert result["checkpoint"].endswith("step00000040")
+    assert result["tokens"] == 2 * 8 * 32 and result["time_samples"] == 4
+    assert 0 < result["nelbo_se"] < 0.5
+    lo, hi = result["ppl_bound_ci95"]
+    assert lo < result["ppl_bound"] < hi
+    assert result["conventions"]["eos_between_documents"] is True
+    assert result["unigram_ppl"] > 1.0
+    again = tmp_path / "again.json"
+    run_cli("-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"] / "checkpoints"),
+            "--time-samples", "4", "--max-batches", "2", "--batch-size", "8", "--output", str(again))
+    assert json.loads(again.read_text())["nelbo"] == result["nelbo"]  # deterministic for a seed
+    discrete = tmp_path / "discrete.json"
+    run_cli("-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"]), "--discrete-steps", "10",
+            "--time-samples", "4", "--max-batches", "2", "--batch-size", "8", "--output", str(discrete))
+    assert json.loads(discrete.read_text())["estimator"] == "discrete"
+
+
+def test_sample_cli_writes_texts_and_stats(runs, tmp_path):
+    prefix = tmp_path / "gen"
+    run_cli("-m", "pipeline.sample", "--checkpoint", str(runs["straight"] / "checkpoints"),
+            "--steps", "64", "--num-samples", "1", "--length", "16", "--output", str(prefix))
+    stats = json.loads(prefix.with_suffix(".json").read_text())
+    assert stats["weights"] == "ema" and stats["length"] == 16 and stats["num_samples"] == 1
+    assert 1 <= stats["network_calls"] <= min(64, 16) + 1  # cached: steps that change nothing reuse the output
+    texts = prefix.with_suffix(".txt").read_text().strip().split("\n\n=====\n\n")
+    assert len(texts) == 1 and len(texts[0].split()) == 16
+    bad = subprocess.run([sys.executable, "-m", "pipeline.sample", "--checkpoint", str(runs["straight"]),
+                          "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
