@@ -20,7 +20,7 @@ _FLAGS = {
     "seq_len": "seq_len", "packing": "packing", "samples_per_shard": "samples_per_shard",
     "val_fraction": "val_fraction", "text_field": "text_field",
     "num_workers": "num_workers", "dedup": "dedup", "max_bad_fraction": "max_bad_fraction",
-    "max_doc_chars": "max_doc_chars", "overwrite": "overwrite",
+    "max_doc_chars": "max_doc_chars", "overwrite": "overwrite", "group_bytes": "group_bytes",
 }
 
 
@@ -29,7 +29,8 @@ def build_run_parser(prog: str = "python -m data_prep [run]") -> argparse.Argume
         prog=prog, description="Tokenize and pack a text corpus into webdataset shards with Ray.",
         epilog="Extra arguments key=value override any DataPrepConfig field (e.g. max_doc_chars=1000000). "
                "Uses the Ray cluster named by RAY_ADDRESS (as `ray job submit` sets it), else a local one.")
-    p.add_argument("--input", nargs="+", metavar="PATH", help="input files or folders (.txt, .jsonl[.gz|.zst], .parquet)")
+    p.add_argument("--input", nargs="+", metavar="PATH", help="input files or folders (.txt, .jsonl[.gz|.zst], .parquet, "
+                        "Hugging Face datasets saved with save_to_disk)")
     p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--tokenizer", metavar="SPEC",
                    help="folder with tokenizer.json | tokenizer.json | GPT-2 folder (vocab.json+merges.txt) | "
@@ -38,10 +39,15 @@ def build_run_parser(prog: str = "python -m data_prep [run]") -> argparse.Argume
     p.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sample (default 1024)")
     p.add_argument("--packing", choices=("wrap", "pad"), help="wrap (default) or pad")
     p.add_argument("--samples-per-shard", type=int, dest="samples_per_shard",
-                   help="samples per shard (default: ~256 MiB of tokens, >= ~16 shards for small inputs)")
+                   help="samples per shard (default: ~256 MiB of tokens, >= ~16 shards for small inputs, "
+                        "at most ~one group's worth; each group's last shard may be smaller)")
     p.add_argument("--val-fraction", type=float, dest="val_fraction", help="fraction of documents for val (0.01)")
     p.add_argument("--text-field", dest="text_field", help="text field of jsonl/parquet records (text)")
-    p.add_argument("--num-workers", type=int, dest="num_workers", help="parallel Ray tasks (default: all CPUs)")
+    p.add_argument("--num-workers", type=int, dest="num_workers",
+                   help="parallel Ray workers (default: all CPUs); never changes the output")
+    p.add_argument("--group-bytes", type=int, dest="group_bytes",
+                   help="input bytes per work group, each packed and written by one worker "
+                        "(default 0 = auto: input size / 32 within 1 MiB..256 MiB)")
     p.add_argument("--dedup", action="store_true", default=None, help="drop exact duplicate documents")
     p.add_argument("--max-bad-fraction", type=float, dest="max_bad_fraction",
                    help="fail when more than this fraction of the records is bad (0.5)")

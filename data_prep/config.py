@@ -10,7 +10,7 @@ from pipeline.configtools import ConfigError, to_dict
 # Fields that change how the job runs but never what it writes: they are left out of the
 # manifest's "job" section and of the fingerprint that guards resuming, so that 1 or 2 workers
 # (or another output folder) give byte-identical manifests.
-EXECUTION_ONLY = ("out", "num_workers", "overwrite", "task_bytes", "progress_interval_s")
+EXECUTION_ONLY = ("out", "num_workers", "overwrite", "progress_interval_s")
 
 DEFAULT_TRAIN_VOCAB = 8192
 
@@ -47,11 +47,13 @@ class DataPrepConfig:
     max_bad_fraction: float = 0.5
     # how many bad-record examples per reason go to errors.jsonl
     max_error_examples: int = 20
+    # input bytes per work group (0 = auto: input size / 32, within 1 MiB .. 256 MiB). Each group is
+    # packed and written by one worker on its own (one wrap tail dropped per group and split), so
+    # this is part of the job's identity; the number of workers is not.
+    group_bytes: int = 0
     # execution only (not part of the job's identity)
     num_workers: int | None = None
     overwrite: bool = False
-    # rough input bytes per Ray task (tasks never change the output, only the parallelism)
-    task_bytes: int = 2_000_000
     progress_interval_s: float = 2.0
 
     def validate(self) -> None:
@@ -73,8 +75,8 @@ class DataPrepConfig:
             raise ConfigError(f"vocab_size: must be positive, got {self.vocab_size}")
         if self.max_doc_chars < 1:
             raise ConfigError(f"max_doc_chars: must be positive, got {self.max_doc_chars}")
-        if self.task_bytes < 1:
-            raise ConfigError(f"task_bytes: must be positive, got {self.task_bytes}")
+        if self.group_bytes < 0:
+            raise ConfigError(f"group_bytes: must be >= 0 (0 = auto), got {self.group_bytes}")
         if not self.text_field:
             raise ConfigError("text_field: must not be empty")
         spec = self.tokenizer

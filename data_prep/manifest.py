@@ -2,9 +2,11 @@
 
 Fields (format_version 1):
   format_version, tokenizer {name, vocab_size, bos_id, eos_id, pad_id, mask_id, files {name: sha256}},
-  model_vocab_size, mask_token_id, seq_len, packing, dtype,
+  model_vocab_size, mask_token_id, seq_len, packing, dtype, samples_per_shard, groups, group_bytes,
   splits {train|val: {shards [{name, samples, tokens, sha256}], documents, samples, tokens}},
   dropped_tail_tokens, truncated_tokens, skipped {reason: count}, job {resolved config}.
+Shards are named <split>/shard-<group>-<n>.tar (each work group writes its own) and listed in
+group order; readers take the names from the manifest.
 """
 from __future__ import annotations
 

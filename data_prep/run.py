@@ -1,15 +1,28 @@
-"""The data preparation job: plan -> (train) tokenizer -> Ray tasks -> ordered pack -> shards -> manifest.
+"""The data preparation job: plan groups -> (train) tokenizer -> one Ray task per group -> manifest.
 
-Determinism: Ray tasks read and tokenize units in parallel, but the driver consumes their results
-strictly in input order and does the packing over that single ordered document stream. Shards,
-keys and the manifest therefore depend only on the inputs and the job config, not on the number
-of workers or on how the inputs were cut into tasks. Only one tail (< seq_len - 2 tokens) per
-split is dropped in wrap mode.
+Scale-out: the input is cut into work groups by a plan that depends only on the input files and
+the config (sources.plan_units). Each group is processed entirely inside one Ray task (1 CPU; the
+worker process keeps the tokenizer between tasks): read, clean, split, tokenize, pack, and write
+that group's shards `<split>/shard-<group>-<n>.tar`. The driver only
+plans, collects one small record per group and writes the manifest (shards in group order), so no
+token passes through it. Shards, keys and the manifest depend only on the inputs and the job
+config: 1 or many workers give byte-identical output. In wrap mode each group drops its own tail
+(< seq_len - 2 tokens per split), counted in `dropped_tail_tokens`.
 
-Resuming: a rerun with the same job config redoes the (deterministic) work, keeps every complete
-shard whose bytes are already right and replaces any other. The output folder remembers its job
-in _work/job.json while running and in manifest.json when done; a different job is refused
-unless --overwrite is given.
+Why Ray tasks and not Ray Data's map over a dataset of group descriptors: measured on the 2-core
+box, Ray Data's task pool started one task first and left ~0.1-0.2 s between a task's end and the
+next start (10 x 1 s tasks on 2 slots: 6.7 s; plain tasks with a small queue: 5.0 s), which
+with ~0.5 s groups cost a third of the throughput. Progress is shown by a tqdm bar on a TTY and by
+periodic log lines otherwise (as under `ray job submit`).
+
+Dedup (optional) is global and deterministic: a first pass of tasks returns the content hashes
+of every group's documents, the driver keeps the first occurrence in input order and tells each
+group which of its documents to skip.
+
+Resuming: a finished group leaves `_work/groups/<group>.json`; a rerun with the same job skips
+such groups whose shards are intact, redoes the others (keeping complete shards whose bytes are
+already right). The output folder remembers its job in _work/job.json while running and in
+manifest.json when done; a different job is refused unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -19,22 +32,24 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.configtools import ConfigError
+from pipeline.configtools import ConfigError  # noqa: F401  (re-exported for callers)
 
 from . import manifest as mf
 from .config import DataPrepConfig
-from .shards import SHARD_PATTERN, PadPacker, ShardWriter, WrapPacker, key_base
+from .shards import SHARD_PATTERN
 from .sources import BadRecords, discover, iter_unit_documents, plan_units
 from .tokenizer import TokenizerInfo, is_train_spec, load_tokenizer
-from .worker import content_hash, is_val, tokenize_unit
+from .worker import content_hash, is_val
 
 SHARD_TARGET_BYTES = 256 << 20
 MIN_SHARDS = 16
+GROUP_MIN_BYTES = 1 << 20
+GROUP_MAX_BYTES = 256 << 20
+AUTO_GROUPS = 32
 NOT_BAD = ("duplicate",)  # skipped on purpose, not bad input
 
 
@@ -93,7 +108,8 @@ def prepare_out_dir(cfg: DataPrepConfig, out: Path) -> None:
 
 
 def _training_texts(cfg: DataPrepConfig, units: list[dict], bad: BadRecords, counter: dict):
-    """Cleaned train-split documents in input order, up to train_tokenizer_max_chars."""
+    """Cleaned train-split documents in input order, up to train_tokenizer_max_chars (the driver
+    stops reading there: at web scale it never reads the whole input)."""
     wcfg = worker_cfg(cfg)
     seen: set[bytes] = set()
     total = 0
@@ -107,10 +123,10 @@ def _training_texts(cfg: DataPrepConfig, units: list[dict], bad: BadRecords, cou
                 seen.add(h)
             if is_val(h, cfg.split_salt, cfg.val_fraction):
                 continue
-            if total >= cfg.train_tokenizer_max_chars:
-                continue  # keep reading: the bad-record counts cover the whole input
             total += len(text)
             yield text
+            if total >= cfg.train_tokenizer_max_chars:
+                return
 
 
 def write_errors(out: Path, bad: BadRecords) -> None:
@@ -137,9 +153,18 @@ def inputs_signature(files) -> str:
     """Identity of the input files as they are now (ids, sizes, modification times)."""
     h = hashlib.sha256()
     for f in files:
-        st = os.stat(f.path)
-        h.update(f"{f.file_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
+        h.update(_file_stat(f.path, f.file_id).encode("utf-8"))
     return h.hexdigest()
+
+
+def _file_stat(path: str, file_id: str) -> str:
+    st = os.stat(path)
+    return f"{file_id}\0{st.st_size}\0{st.st_mtime_ns}\n"
+
+
+def auto_group_bytes(total_bytes: int) -> int:
+    """About AUTO_GROUPS groups, each 1 MiB .. 256 MiB of input: depends on the input size only."""
+    return int(min(GROUP_MAX_BYTES, max(GROUP_MIN_BYTES, total_bytes // AUTO_GROUPS)))
 
 
 def get_tokenizer(cfg: DataPrepConfig, out: Path, units: list[dict], signature: str) -> TokenizerInfo:
@@ -193,81 +218,83 @@ def _connect_ray(cfg: DataPrepConfig):
     return ray, started, workers
 
 
-def auto_samples_per_shard(input_bytes: int, seq_len: int, dtype: str) -> int:
+def auto_samples_per_shard(input_bytes: int, seq_len: int, dtype: str, group_bytes: int | None = None) -> int:
     """About 256 MiB of tokens per shard, but at least ~MIN_SHARDS train shards for small inputs
     (estimated from the input size, ~4 bytes of text per token), so that every loader worker and
-    rank gets shards. A multiple of 64; depends only on the inputs and the config."""
+    rank gets shards, and not much more than a group holds (groups write their own shards). A
+    multiple of 64; depends only on the inputs and the config."""
     by_size = SHARD_TARGET_BYTES // (seq_len * np.dtype(dtype).itemsize)
     est_samples = input_bytes / 4 / seq_len
     by_count = int(est_samples / MIN_SHARDS)
+    if group_bytes:
+        by_count = min(by_count, int(group_bytes / 4 / seq_len))
     return max(64, min(by_size, by_count) // 64 * 64)
+
+
+def plan_groups(cfg: DataPrepConfig, files) -> tuple[list[dict], int]:
+    total = sum(f.size for f in files)
+    group_bytes = cfg.group_bytes or auto_group_bytes(total)
+    return plan_units(files, group_bytes), group_bytes
+
+
 
 
 def run_job(cfg: DataPrepConfig) -> dict:
     """Run a data preparation job; returns the manifest. Raises ConfigError / JobFailed."""
     t_start = time.time()
-    out = Path(cfg.out).expanduser()
+    out = Path(cfg.out).expanduser().resolve()
     files = discover(cfg.input)
-    units = plan_units(files, cfg.task_bytes)
+    groups, group_bytes = plan_groups(cfg, files)
     total_bytes = sum(f.size for f in files)
-    log(f"{len(files)} input files ({total_bytes / 1e6:.1f} MB) in {len(units)} tasks -> {out}")
+    log(f"{len(files)} input files ({total_bytes / 1e6:.1f} MB) in {len(groups)} groups of ~"
+        f"{group_bytes / 1e6:.1f} MB -> {out}")
     prepare_out_dir(cfg, out)
-    info = get_tokenizer(cfg, out, units, inputs_signature(files))
-    spp = cfg.samples_per_shard or auto_samples_per_shard(total_bytes, cfg.seq_len, info.dtype)
-
-    writers = {s: ShardWriter(out, s, spp, with_mask=cfg.packing == "pad") for s in mf.SPLITS}
-    if cfg.packing == "wrap":
-        packers = {s: WrapPacker(writers[s], cfg.seq_len, info.bos_id, info.eos_id, info.dtype) for s in mf.SPLITS}
-    else:
-        packers = {s: PadPacker(writers[s], cfg.seq_len, info.bos_id, info.eos_id, info.pad_id, info.dtype)
-                   for s in mf.SPLITS}
+    info = get_tokenizer(cfg, out, groups, inputs_signature(files))
+    spp = cfg.samples_per_shard or auto_samples_per_shard(total_bytes, cfg.seq_len, info.dtype, group_bytes)
 
     ray, started, workers = _connect_ray(cfg)
-    bad = BadRecords(cfg.max_error_examples)
-    seen: set[bytes] = set()
-    stats = {"docs_in": 0, "chars": 0, "tokens_in": 0}
     t_work = time.time()
     try:
-        remote = ray.remote(num_cpus=1)(tokenize_unit)
-        tok_ref = ray.put(info.json)
-        wcfg = worker_cfg(cfg)
-        inflight: dict[int, object] = {}
-        ready: dict[int, object] = {}
-        next_submit = next_consume = 0
-        max_ahead = 4 * workers
-        last_log = time.time()
-        while next_consume < len(units):
-            while (len(inflight) < workers and next_submit < len(units)
-                   and next_submit - next_consume < max_ahead):
-                inflight[next_submit] = remote.remote(units[next_submit], wcfg, tok_ref, 1)
-                next_submit += 1
-            done, _ = ray.wait(list(inflight.values()), num_returns=1)
-            for i in [i for i, r in inflight.items() if r in done]:
-                ready[i] = inflight.pop(i)
-            while next_consume in ready:
-                res = ray.get(ready.pop(next_consume))
-                _consume(res, cfg, packers, bad, seen, stats)
-                next_consume += 1
-            if next_consume and (time.time() - last_log >= cfg.progress_interval_s or next_consume == len(units)):
-                last_log = time.time()
-                el = time.time() - t_work
-                log(f"tasks {next_consume}/{len(units)}  documents {stats['docs_in']}  "
-                    f"tokens {_human(stats['tokens_in'])}  ({_human(stats['tokens_in'] / max(el, 1e-9))} tokens/s)")
+        if cfg.dedup:
+            _mark_duplicates(ray, cfg, groups, workers)
+        ctx = dict(worker_cfg(cfg), out=str(out), seq_len=cfg.seq_len, packing=cfg.packing,
+                   samples_per_shard=spp, dtype=info.dtype, bos_id=info.bos_id, eos_id=info.eos_id,
+                   pad_id=info.pad_id)
+        job_key = json.dumps({"job": cfg.job_dict(), "tokenizer": info.sha256(), "spp": spp}, sort_keys=True)
+        for g in groups:
+            stats = "".join(_file_stat(path, fid) for path, fid in g["files"])
+            g["fingerprint"] = hashlib.sha256(
+                (job_key + json.dumps(g, sort_keys=True) + stats).encode("utf-8")).hexdigest()
+        records = _process_groups(ray, cfg, groups, ctx, info, workers)
     finally:
         if started:
             ray.shutdown()
+    t_ray = time.time() - t_work
 
-    for s in mf.SPLITS:
-        writers[s].close()
-    good = sum(p.documents for p in packers.values())
+    bad = BadRecords(cfg.max_error_examples)
+    splits = {s: {"shards": [], "documents": 0, "samples": 0, "tokens": 0} for s in mf.SPLITS}
+    dropped = truncated = tokens_in = reused = kept = 0
+    for g in groups:  # input order
+        rec = records[g["index"]]
+        bad.merge(rec["bad"])
+        for s in mf.SPLITS:
+            r, sp = rec["splits"][s], splits[s]
+            sp["shards"].extend(r["shards"])
+            for k in ("documents", "samples", "tokens"):
+                sp[k] += r[k]
+        dropped += rec["dropped_tail_tokens"]
+        truncated += rec["truncated_tokens"]
+        tokens_in += rec["tokens_in"]
+        reused += bool(rec.get("reused"))
+        kept += rec.get("kept_shards", 0)
+    good = sum(splits[s]["documents"] for s in mf.SPLITS)
     write_errors(out, bad)
     check_bad_fraction(cfg, bad.counts, good + bad.counts.get("duplicate", 0), "after processing")
 
-    splits = {}
+    listed = {sh["name"] for s in mf.SPLITS for sh in splits[s]["shards"]}
     for s in mf.SPLITS:
-        w = writers[s]
-        splits[s] = {"shards": w.shards, "documents": packers[s].documents, "samples": w.samples, "tokens": w.tokens}
-        _remove_stale_shards(out / s, len(w.shards))
+        (out / s).mkdir(parents=True, exist_ok=True)
+        _remove_stale_shards(out / s, listed)
     manifest = {
         "format_version": mf.FORMAT_VERSION,
         "tokenizer": {"name": info.name, "vocab_size": info.vocab_size, "bos_id": info.bos_id,
@@ -279,9 +306,11 @@ def run_job(cfg: DataPrepConfig) -> dict:
         "packing": cfg.packing,
         "dtype": info.dtype,
         "samples_per_shard": spp,
+        "groups": len(groups),
+        "group_bytes": group_bytes,
         "splits": splits,
-        "dropped_tail_tokens": sum(p.dropped_tail for p in packers.values()),
-        "truncated_tokens": sum(getattr(p, "truncated", 0) for p in packers.values()),
+        "dropped_tail_tokens": dropped,
+        "truncated_tokens": truncated,
         "skipped": {r: bad.counts[r] for r in sorted(bad.counts)},
         "job": cfg.job_dict(),
     }
@@ -289,57 +318,105 @@ def run_job(cfg: DataPrepConfig) -> dict:
     shutil.rmtree(out / "_work", ignore_errors=True)
 
     elapsed = time.time() - t_start
-    kept = sum(w.kept_existing for w in writers.values())
     tokens = sum(splits[s]["tokens"] for s in mf.SPLITS)
-    lines = [f"done in {elapsed:.1f}s with {workers} worker(s): {out}"]
+    lines = [f"done in {elapsed:.1f}s with {workers} worker(s), {len(groups)} groups: {out}"]
     for s in mf.SPLITS:
         sp = splits[s]
         lines.append(f"  {s:5s}: {sp['documents']} documents, {sp['samples']} samples, {sp['tokens']} tokens, "
                      f"{len(sp['shards'])} shards")
     lines.append(f"  tokens/s: {_human(tokens / max(elapsed, 1e-9))} overall, "
-                 f"{_human(stats['tokens_in'] / max(time.time() - t_work, 1e-9))} in the Ray stage")
-    lines.append(f"  dropped tail tokens: {manifest['dropped_tail_tokens']}"
-                 + (f", truncated tokens: {manifest['truncated_tokens']}" if cfg.packing == "pad" else ""))
+                 f"{_human(tokens_in / max(t_ray, 1e-9))} in the Ray stage ({t_ray:.1f}s)")
+    share = dropped / max(tokens_in + good, 1)
+    lines.append(f"  dropped tail tokens: {dropped} ({share:.3%} of the tokenized stream, one tail per group "
+                 "and split)" + (f", truncated tokens: {truncated}" if cfg.packing == "pad" else ""))
     skipped = ", ".join(f"{r}={n}" for r, n in manifest["skipped"].items()) or "none"
     lines.append(f"  skipped: {skipped}" + (" (examples in errors.jsonl)" if bad.examples else ""))
-    if kept:
-        lines.append(f"  kept {kept} complete shard(s) from an earlier run")
+    if reused or kept:
+        lines.append(f"  resumed: {reused} group(s) already done were skipped, {kept} complete shard(s) kept")
     for line in lines:
         log(line)
     return manifest
 
 
-def _consume(res: dict, cfg: DataPrepConfig, packers: dict, bad: BadRecords, seen: set, stats: dict) -> None:
-    bad.merge(res["bad"])
-    lengths = res["lengths"]
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = res["tokens"]
-    hashes = res["hashes"]
-    per_split: dict[str, tuple[list, list]] = {s: ([], []) for s in mf.SPLITS}
-    for j, doc_id in enumerate(res["doc_ids"]):
-        if cfg.dedup:
-            h = hashes[16 * j:16 * (j + 1)]
-            if h in seen:
-                bad.add("duplicate", doc_id, "same text as an earlier document")
-                continue
-            seen.add(h)
-        s = "val" if res["split"][j] else "train"
-        per_split[s][0].append(key_base(doc_id))
-        per_split[s][1].append(tokens[offsets[j]:offsets[j + 1]])
-        stats["docs_in"] += 1
-        stats["tokens_in"] += int(lengths[j])
-    stats["chars"] += res["chars"]
-    for s, (keys, docs) in per_split.items():
-        packers[s].add_docs(keys, docs)
+def _run_tasks(ray, fn, groups: list[dict], args: tuple, workers: int, desc: str,
+               on_result=None, interval: float = 2.0) -> dict[int, object]:
+    """Run fn(group, *args) as one Ray task (1 CPU) per group, at most `workers` at a time, in plan
+    order; returns {group index: result}. When the cluster has more CPUs than `workers`, exactly
+    `workers` run; otherwise a few more are queued so that a free CPU never waits for the driver.
+    A progress bar (a TTY) or progress lines (logs) show groups done, tokens and the rate."""
+    remote = ray.remote(num_cpus=1)(fn)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    window = workers if workers < cpus else 2 * workers
+    results: dict[int, object] = {}
+    inflight: dict = {}
+    todo = list(groups)
+    tokens = 0
+    bar = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(groups), desc=desc, unit="group", file=sys.stderr)
+        except ImportError:
+            bar = None
+    t0 = last = time.time()
+    while todo or inflight:
+        while todo and len(inflight) < window:
+            g = todo.pop(0)
+            inflight[remote.remote(g, *args)] = g["index"]
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in done:
+            index = inflight.pop(ref)
+            res = ray.get(ref)
+            results[index] = res
+            if on_result is not None:
+                tokens += on_result(res)
+            if bar is not None:
+                bar.update(1)
+                if tokens:
+                    bar.set_postfix_str(f"{_human(tokens)} tokens, {_human(tokens / max(time.time() - t0, 1e-9))}/s")
+        now = time.time()
+        if bar is None and (now - last >= interval or not (todo or inflight)):
+            last = now
+            extra = f"  tokens {_human(tokens)} ({_human(tokens / max(now - t0, 1e-9))} tokens/s)" if tokens else ""
+            log(f"{desc}: {len(results)}/{len(groups)} groups{extra}")
+    if bar is not None:
+        bar.close()
+    return results
 
 
-def _remove_stale_shards(split_dir: Path, n_shards: int) -> None:
-    """Remove shard files numbered beyond this job's (left by an earlier, different job)."""
-    if not split_dir.is_dir():
-        return
+def _mark_duplicates(ray, cfg: DataPrepConfig, groups: list[dict], workers: int) -> None:
+    """Global exact dedup: the first occurrence (in input order) of a text is kept."""
+    from .worker import hash_task
+
+    hashes = _run_tasks(ray, hash_task, groups, (worker_cfg(cfg),), workers, "dedup pass",
+                        interval=cfg.progress_interval_s)
+    arrays = [np.frombuffer(hashes[g["index"]], dtype="S16") for g in groups]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype="S16")
+    _, first = np.unique(flat, return_index=True)
+    dup = np.ones(len(flat), dtype=bool)
+    dup[first] = False
+    start = 0
+    for g, a in zip(groups, arrays):
+        g["duplicates"] = np.flatnonzero(dup[start:start + len(a)]).tolist()
+        start += len(a)
+    log(f"dedup: {int(dup.sum())} of {len(flat)} documents repeat an earlier one")
+
+
+def _process_groups(ray, cfg: DataPrepConfig, groups: list[dict], ctx: dict, info: TokenizerInfo,
+                    workers: int) -> dict[int, dict]:
+    from .worker import group_task
+
+    tok_box = [ray.put(info.json)]  # fetched once per worker process (see worker.worker_tokenizer)
+    return _run_tasks(ray, group_task, groups, (ctx, info.sha256(), tok_box), workers, "processing",
+                      on_result=lambda rec: rec["tokens_in"], interval=cfg.progress_interval_s)
+
+
+def _remove_stale_shards(split_dir: Path, listed: set[str]) -> None:
+    """Remove shard files this job does not list (left by an earlier, different job) and temp files."""
+    split = split_dir.name
     for p in split_dir.iterdir():
-        m = SHARD_PATTERN.match(p.name)
-        if m and int(m.group(1)) >= n_shards:
+        if SHARD_PATTERN.match(p.name) and f"{split}/{p.name}" not in listed:
             p.unlink()
         elif p.name.startswith(".shard-") and ".partial-" in p.name:
             p.unlink()

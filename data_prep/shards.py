@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.tar$")
+# shard-<group>-<n>.tar (this layout); plain shard-<n>.tar is still recognised as a shard file
+SHARD_PATTERN = re.compile(r"^shard-(\d{6,})(?:-(\d{4,}))?\.tar$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 FIXED_MTIME = 0  # tar member times are fixed so that shards are byte-identical across runs
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}/shard-{index:06d}.tar"
+def shard_name(split: str, group: int, index: int) -> str:
+    """Shard `index` of work group `group`: deterministic, and unique without coordination."""
+    return f"{split}/shard-{group:06d}-{index:04d}.tar"
 
 
 def key_base(doc_id: str) -> str:
@@ -71,7 +73,8 @@ def tar_end(written: int) -> bytes:
 
 
 class ShardWriter:
-    """Collects samples of one split and writes numbered shards of `samples_per_shard` samples.
+    """Collects samples of one split of one work group and writes its numbered shards of
+    `samples_per_shard` samples (the last one of the group may be smaller).
 
     Shards are plain (ustar) tar files in the webdataset layout: members `<key>.tokens.npy`
     (and `<key>.mask.npy`), grouped per sample. A shard is written to a hidden temporary name and
@@ -79,9 +82,10 @@ class ShardWriter:
     resumed job), it is kept untouched.
     """
 
-    def __init__(self, out_dir: Path, split: str, samples_per_shard: int, with_mask: bool):
+    def __init__(self, out_dir: Path, split: str, samples_per_shard: int, with_mask: bool, group: int = 0):
         self.out_dir = Path(out_dir)
         self.split = split
+        self.group = group
         self.samples_per_shard = samples_per_shard
         self.with_mask = with_mask
         self.pending_keys: list[str] = []
@@ -92,6 +96,7 @@ class ShardWriter:
         self.samples = 0
         self.tokens = 0
         self.kept_existing = 0
+        self.sizes: dict[str, int] = {}  # shard name -> bytes
         (self.out_dir / split).mkdir(parents=True, exist_ok=True)
 
     def add_many(self, keys: list[str], samples: np.ndarray, masks: np.ndarray | None = None) -> None:
@@ -115,7 +120,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         index = len(self.shards)
-        name = shard_name(self.split, index)
+        name = shard_name(self.split, self.group, index)
         final = self.out_dir / name
         tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
         samples = np.concatenate(self.pending)
@@ -150,6 +155,7 @@ class ShardWriter:
         n = len(self.pending_keys)
         n_tokens = int(masks.sum()) if self.with_mask else int(samples.size)
         self.shards.append({"name": name, "samples": n, "tokens": n_tokens, "sha256": digest})
+        self.sizes[name] = written + len(data)
         self.samples += n
         self.tokens += n_tokens
         self.pending_keys, self.pending, self.pending_masks, self.n_pending = [], [], [], 0

@@ -1,12 +1,19 @@
-"""Input discovery, work units and document reading with per-record error accounting.
+"""Input discovery, the plan of work groups and document reading with per-record error accounting.
 
-A *unit* is the input of one Ray task: a run of consecutive .txt files, or one jsonl / parquet
-file. Units only decide parallelism: documents come out in input order whatever the units are,
-and packing happens over that order, so the output does not depend on how work is split.
+A *group* is the unit of work of one worker: a run of consecutive .txt files, a line-aligned byte
+range of a plain .jsonl file, a run of parquet row groups or Arrow record batches, or one
+compressed .jsonl file. The plan depends only on the input files and `group_bytes`, never on the
+number of workers or on how Ray schedules them; each group is packed and written on its own, so
+the output is a function of the inputs and the job config.
+
+Inputs: .txt (one document per file), .jsonl / .jsonl.gz / .jsonl.zst, .parquet, and Hugging Face
+datasets saved with `save_to_disk` (a folder with state.json + *.arrow files, or a DatasetDict
+folder with dataset_dict.json and one such folder per split). The saved Arrow files are read with
+pyarrow; the `datasets` package is not needed.
 
 Documents are (doc_id, text). doc ids are stable: `<input name>/<relative path>` for files found
 in a folder, `<file name>` for a file given directly, plus `:<line>` (jsonl, 1-based) or
-`:<row>` (parquet, 0-based).
+`:<row>` (parquet / arrow, 0-based).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ from pipeline.configtools import ConfigError
 TEXT_EXTS = (".txt",)
 JSONL_EXTS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".jsonl.zstd")
 PARQUET_EXTS = (".parquet",)
+HF_STATE = "state.json"
+HF_DICT = "dataset_dict.json"
 
 
 def file_kind(path: str) -> str | None:
@@ -44,6 +53,34 @@ class InputFile:
     size: int
 
 
+def _hf_dataset_files(folder: Path) -> list[Path] | None:
+    """The Arrow files of a Hugging Face dataset saved with save_to_disk, in their order, or None
+    when the folder is not one. A DatasetDict gives the files of its splits in the listed order."""
+    if (folder / HF_DICT).is_file():
+        try:
+            splits = json.loads((folder / HF_DICT).read_text(encoding="utf-8"))["splits"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{folder / HF_DICT}: not a readable dataset_dict.json ({err})") from None
+        files: list[Path] = []
+        for split in splits:
+            sub = _hf_dataset_files(folder / split)
+            if sub is None:
+                raise ConfigError(f"{folder}: split '{split}' listed in {HF_DICT} is not a saved dataset folder")
+            files.extend(sub)
+        return files
+    if (folder / HF_STATE).is_file():
+        try:
+            state = json.loads((folder / HF_STATE).read_text(encoding="utf-8"))
+            names = [d["filename"] for d in state["_data_files"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{folder / HF_STATE}: not a readable datasets state.json ({err})") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ConfigError(f"{folder}: Arrow file(s) listed in {HF_STATE} are missing: {', '.join(missing)}")
+        return [folder / n for n in names]
+    return None
+
+
 def discover(inputs: list[str]) -> list[InputFile]:
     """Expand inputs (files/folders) into a sorted, de-duplicated file list; fail early on problems."""
     files: list[InputFile] = []
@@ -52,11 +89,24 @@ def discover(inputs: list[str]) -> list[InputFile]:
         p = Path(raw).expanduser()
         if not p.exists():
             raise ConfigError(f"input '{raw}' does not exist")
-        found: list[tuple[Path, str]] = []
-        if p.is_dir():
+        found: list[tuple[Path, str, str]] = []  # (path, file id, sort key)
+        if p.is_dir() and _hf_dataset_files(p) is not None:  # the input itself is a saved dataset
+            base = p.resolve().name or "input"
+            found = [(fp, f"{base}/{fp.relative_to(p).as_posix()}", f"{i:09d}")
+                     for i, fp in enumerate(_hf_dataset_files(p))]
+            if not found:
+                raise ConfigError(f"input '{raw}': the saved dataset lists no Arrow files")
+        elif p.is_dir():
             base = p.resolve().name or "input"
             for root, dirs, names in os.walk(p, followlinks=True):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                hf = _hf_dataset_files(Path(root))
+                if hf is not None:  # a saved HF dataset: its Arrow files, nothing else below it
+                    dirs[:] = []
+                    root_id = f"{base}/{Path(root).relative_to(p).as_posix()}".rstrip("/.")
+                    found.extend((fp, f"{base}/{fp.relative_to(p).as_posix()}", f"{root_id}/{i:09d}")
+                                 for i, fp in enumerate(hf))
+                    continue
                 for name in sorted(names):
                     if name.startswith("."):
                         continue
@@ -64,28 +114,31 @@ def discover(inputs: list[str]) -> list[InputFile]:
                     if file_kind(name) is None:
                         continue
                     rel = fp.relative_to(p).as_posix()
-                    found.append((fp, f"{base}/{rel}"))
+                    found.append((fp, f"{base}/{rel}", f"{base}/{rel}"))
             if not found:
                 raise ConfigError(
-                    f"input folder '{raw}' holds no supported files (.txt, .jsonl[.gz|.zst], .parquet)")
-            found.sort(key=lambda t: t[1])
+                    f"input folder '{raw}' holds no supported files (.txt, .jsonl[.gz|.zst], .parquet, "
+                    "a saved Hugging Face dataset)")
+            # sorted by path; the Arrow files of a saved dataset keep their own (listed) order
+            found.sort(key=lambda t: t[2])
         else:
             if file_kind(p.name) is None:
                 raise ConfigError(
                     f"input '{raw}': unsupported file type (use .txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet)")
-            found.append((p, p.name))
-        for fp, fid in found:
+            found.append((p, p.name, p.name))
+        for fp, fid, _ in found:
             if fid in seen_ids:
                 raise ConfigError(
                     f"inputs '{seen_ids[fid]}' and '{fp}' both get the document id prefix '{fid}'; "
                     "rename one or pass their common parent folder")
             seen_ids[fid] = str(fp)
-            files.append(InputFile(str(fp), fid, file_kind(fp.name), fp.stat().st_size))
+            kind = "arrow" if fp.suffix == ".arrow" else file_kind(fp.name)
+            files.append(InputFile(str(fp), fid, kind, fp.stat().st_size))
     return files
 
 
-def _jsonl_ranges(path: str, task_bytes: int) -> list[tuple[int, int, int]]:
-    """Cut a plain (uncompressed) jsonl file into line-aligned byte ranges of ~task_bytes:
+def _jsonl_ranges(path: str, group_bytes: int) -> list[tuple[int, int, int]]:
+    """Cut a plain (uncompressed) jsonl file into line-aligned byte ranges of ~group_bytes:
     [(start, end, number of the first line)]. Reads the file once to count lines."""
     size = os.path.getsize(path)
     ranges = []
@@ -93,8 +146,8 @@ def _jsonl_ranges(path: str, task_bytes: int) -> list[tuple[int, int, int]]:
     with open(path, "rb") as fh:
         while start < size:
             end = size
-            if start + task_bytes < size:
-                fh.seek(start + task_bytes)
+            if start + group_bytes < size:
+                fh.seek(start + group_bytes)
                 fh.readline()  # to the end of the line the cut falls in
                 end = fh.tell()
             fh.seek(start)
@@ -105,8 +158,8 @@ def _jsonl_ranges(path: str, task_bytes: int) -> list[tuple[int, int, int]]:
     return ranges
 
 
-def _parquet_ranges(path: str, task_bytes: int) -> list[tuple[list[int], int]]:
-    """Group a parquet file's row groups into ~task_bytes units: [(row group indices, first row)]."""
+def _parquet_ranges(path: str, group_bytes: int) -> list[tuple[list[int], int]]:
+    """Group a parquet file's row groups into ~group_bytes units: [(row group indices, first row)]."""
     import pyarrow.parquet as pq
 
     try:
@@ -119,7 +172,7 @@ def _parquet_ranges(path: str, task_bytes: int) -> list[tuple[list[int], int]]:
         groups.append(i)
         size += rg.total_byte_size
         row += rg.num_rows
-        if size >= task_bytes:
+        if size >= group_bytes:
             out.append((groups, first))
             groups, size, first = [], 0, row
     if groups:
@@ -127,10 +180,45 @@ def _parquet_ranges(path: str, task_bytes: int) -> list[tuple[list[int], int]]:
     return out
 
 
-def plan_units(files: list[InputFile], task_bytes: int) -> list[dict]:
-    """Group files into task units: runs of .txt files up to ~task_bytes, line-aligned byte ranges
-    of plain .jsonl files, runs of parquet row groups, one unit per compressed jsonl file.
-    Units only decide parallelism; the output does not depend on them."""
+def _open_arrow(path: str):
+    """(schema, iterator of record batches) of an Arrow IPC file: the stream format written by
+    `datasets`, or the random-access file format."""
+    import pyarrow as pa
+
+    source = pa.memory_map(path)
+    try:
+        reader = pa.ipc.open_stream(source)
+        return reader.schema, iter(reader)
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(pa.memory_map(path))
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+
+def _arrow_ranges(path: str, group_bytes: int) -> list[tuple[int, int, int]]:
+    """Cut an Arrow file into runs of record batches of ~group_bytes: [(first batch, batches, first row)]."""
+    try:
+        _, batches = _open_arrow(path)
+        sizes = [(b.nbytes, b.num_rows) for b in batches]
+    except Exception:  # damaged file: one group, the reader reports it
+        return []
+    out, first, n, size, row, first_row = [], 0, 0, 0, 0, 0
+    for i, (nbytes, rows) in enumerate(sizes):
+        n += 1
+        size += nbytes
+        row += rows
+        if size >= group_bytes:
+            out.append((first, n, first_row))
+            first, n, size, first_row = i + 1, 0, 0, row
+    if n:
+        out.append((first, n, first_row))
+    return out
+
+
+def plan_units(files: list[InputFile], group_bytes: int) -> list[dict]:
+    """The plan of work groups, in input order: runs of .txt files up to ~group_bytes, line-aligned
+    byte ranges of plain .jsonl files, runs of parquet row groups or Arrow record batches, one group
+    per compressed jsonl file. Depends only on the files and group_bytes; each group is packed into
+    its own shards, so the plan (not the number of workers) decides the output."""
     units: list[dict] = []
     run: list[InputFile] = []
     run_bytes = 0
@@ -145,18 +233,24 @@ def plan_units(files: list[InputFile], task_bytes: int) -> list[dict]:
         if f.kind == "txt":
             run.append(f)
             run_bytes += f.size
-            if run_bytes >= task_bytes:
+            if run_bytes >= group_bytes:
                 flush()
         else:
             flush()
             unit = {"kind": f.kind, "files": [(f.path, f.file_id)], "bytes": f.size}
-            if f.kind == "jsonl" and f.path.lower().endswith(".jsonl") and f.size > 2 * task_bytes:
-                for start, end, line in _jsonl_ranges(f.path, task_bytes):
+            if f.kind == "jsonl" and f.path.lower().endswith(".jsonl") and f.size > 2 * group_bytes:
+                for start, end, line in _jsonl_ranges(f.path, group_bytes):
                     units.append(dict(unit, bytes=end - start, range=[start, end, line]))
-            elif f.kind == "parquet" and f.size > 2 * task_bytes:
-                ranges = _parquet_ranges(f.path, task_bytes)
+            elif f.kind == "parquet" and f.size > 2 * group_bytes:
+                ranges = _parquet_ranges(f.path, group_bytes)
                 for groups, first_row in ranges:
                     units.append(dict(unit, bytes=f.size // max(len(ranges), 1), row_groups=[groups, first_row]))
+                if not ranges:
+                    units.append(unit)
+            elif f.kind == "arrow" and f.size > 2 * group_bytes:
+                ranges = _arrow_ranges(f.path, group_bytes)
+                for first, n, first_row in ranges:
+                    units.append(dict(unit, bytes=f.size // max(len(ranges), 1), batches=[first, n, first_row]))
                 if not ranges:
                     units.append(unit)
             else:
@@ -341,7 +435,7 @@ def _iter_parquet(path: str, file_id: str, cfg: dict, bad: BadRecords,
                   row_groups: list | None = None) -> Iterator[tuple[str, str]]:
     import pyarrow.parquet as pq
 
-    text_field, max_chars = cfg["text_field"], cfg["max_doc_chars"]
+    text_field = cfg["text_field"]
     try:
         pf = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError for damaged files
@@ -358,9 +452,16 @@ def _iter_parquet(path: str, file_id: str, cfg: dict, bad: BadRecords,
             bad.add("missing_field", file_id, f"{n} rows: no column '{text_field}' "
                     f"(columns: {', '.join(names[:8])})", count=n)
         return
+    yield from _iter_column(pf.iter_batches(columns=[text_field], batch_size=4096, row_groups=groups),
+                            0, file_id, row, cfg, bad)
+
+
+def _iter_column(batches, col, file_id: str, row: int, cfg: dict, bad: BadRecords) -> Iterator[tuple[str, str]]:
+    """Documents of one text column of Arrow record batches (parquet / Arrow inputs)."""
+    text_field, max_chars = cfg["text_field"], cfg["max_doc_chars"]
     try:
-        for batch in pf.iter_batches(columns=[text_field], batch_size=4096, row_groups=groups):
-            for value in batch.column(0).to_pylist():
+        for batch in batches:
+            for value in batch.column(col).to_pylist():
                 where = f"{file_id}:{row}"
                 row += 1
                 if value is None:
@@ -382,6 +483,33 @@ def _iter_parquet(path: str, file_id: str, cfg: dict, bad: BadRecords,
         bad.add("truncated_input", f"{file_id}:{row}", f"{type(err).__name__}: {err}")
 
 
+def _iter_arrow(path: str, file_id: str, cfg: dict, bad: BadRecords,
+                batches: list | None = None) -> Iterator[tuple[str, str]]:
+    """Rows of an Arrow file of a saved Hugging Face dataset (all batches, or [first, n, first row])."""
+    import itertools
+
+    text_field = cfg["text_field"]
+    try:
+        schema, it = _open_arrow(path)
+    except Exception as err:
+        bad.add("read_error", file_id, f"{type(err).__name__}: {err}")
+        return
+    row = 0
+    if batches is not None:
+        first, n, row = batches
+        it = itertools.islice(it, first, first + n)
+    if text_field not in schema.names:
+        try:
+            n_rows = sum(b.num_rows for b in it)
+        except Exception:
+            n_rows = 0
+        if n_rows:
+            bad.add("missing_field", file_id, f"{n_rows} rows: no column '{text_field}' "
+                    f"(columns: {', '.join(schema.names[:8])})", count=n_rows)
+        return
+    yield from _iter_column(it, schema.names.index(text_field), file_id, row, cfg, bad)
+
+
 def iter_unit_documents(unit: dict, cfg: dict, bad: BadRecords) -> Iterator[tuple[str, str]]:
     """Yield (doc_id, cleaned text) for a unit in input order; bad records go to `bad`."""
     for path, file_id in unit["files"]:
@@ -391,5 +519,7 @@ def iter_unit_documents(unit: dict, cfg: dict, bad: BadRecords) -> Iterator[tupl
             yield from _iter_jsonl(path, file_id, cfg, bad, unit.get("range"))
         elif unit["kind"] == "parquet":
             yield from _iter_parquet(path, file_id, cfg, bad, unit.get("row_groups"))
+        elif unit["kind"] == "arrow":
+            yield from _iter_arrow(path, file_id, cfg, bad, unit.get("batches"))
         else:  # pragma: no cover - discover() only makes the kinds above
             raise ValueError(f"unknown unit kind {unit['kind']}")

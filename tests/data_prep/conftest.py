@@ -41,6 +41,6 @@ def wrap_out(ray_session, small_corpus, tmp_path_factory) -> Path:
     """A wrap-mode dataset of the small corpus made with 1 worker (reused by several tests)."""
     out = tmp_path_factory.mktemp("wrap") / "out"
     run(["--input", small_corpus, "--out", out, "--tokenizer", "train:400", "--seq-len", 64,
-         "--val-fraction", 0.2, "--samples-per-shard", 50, "--num-workers", 1, "task_bytes=4000"])
+         "--val-fraction", 0.2, "--samples-per-shard", 50, "--num-workers", 1, "group_bytes=4000"])
     return out
 

@@ -98,8 +98,30 @@ def test_dedup_drops_exact_duplicates(tmp_path, ray_session):
     assert man["splits"]["train"]["documents"] == 6
 
 
-def test_task_split_never_changes_the_output(tmp_path, ray_session):
-    """Big jsonl / parquet files are cut into several tasks; the output is the same as one task."""
+def test_dedup_is_global_across_groups(tmp_path, ray_session):
+    """Duplicates in other files (other groups, other workers) are dropped too: first one wins."""
+    d = tmp_path / "dups2"
+    d.mkdir()
+    docs = make_docs(8, seed=10)
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:5]))
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[3:] + docs[:1]))
+    from data_prep.sources import discover, plan_units
+    assert len(plan_units(discover([str(d)]), 500)) >= 2
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"o{workers}"
+        man = run(["--input", d, "--out", out, "--tokenizer", "train:300", "--seq-len", 32, "--val-fraction", 0,
+                   "--dedup", "--num-workers", workers, "group_bytes=500"])
+        assert man["skipped"] == {"duplicate": 3} and man["splits"]["train"]["documents"] == 8
+        outs.append(out)
+    errors = [json.loads(x) for x in (outs[0] / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["where"] for e in errors) == ["dups2/b.jsonl:1", "dups2/b.jsonl:2", "dups2/b.jsonl:6"]
+    assert (outs[0] / "manifest.json").read_bytes() == (outs[1] / "manifest.json").read_bytes()
+
+
+def test_group_plan_cuts_big_files_and_workers_never_change_the_output(tmp_path, ray_session):
+    """Big jsonl / parquet files are cut into several groups (line ranges, row groups); 1 or 2
+    workers give the same bytes, and bad records keep their file:line."""
     d = tmp_path / "big"
     d.mkdir()
     docs = make_docs(120, seed=21)
@@ -107,15 +129,19 @@ def test_task_split_never_changes_the_output(tmp_path, ray_session):
     lines[17] = "{broken"
     (d / "a.jsonl").write_text("\n".join(lines) + "\n")
     pq.write_table(pa.table({"text": docs[80:]}), d / "b.parquet", row_group_size=7)
-    outs = []
-    for task_bytes in (10_000_000, 3000):
-        out = tmp_path / f"o{task_bytes}"
-        run(["--input", d, "--out", out, "--tokenizer", "train:300", "--seq-len", 48, "--val-fraction", 0.2,
-             "--samples-per-shard", 30, f"task_bytes={task_bytes}"])
-        outs.append(out)
     from data_prep.sources import discover, plan_units
-    assert len(plan_units(discover([str(d)]), 3000)) > 4
-    for name in ("manifest.json", "errors.jsonl", "train/shard-000000.tar", "val/shard-000000.tar"):
-        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    groups = plan_units(discover([str(d)]), 3000)
+    assert len(groups) > 4 and {g["kind"] for g in groups} == {"jsonl", "parquet"}
+    assert any("range" in g for g in groups) and any("row_groups" in g for g in groups)
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"o{workers}"
+        man = run(["--input", d, "--out", out, "--tokenizer", "train:300", "--seq-len", 48, "--val-fraction", 0.2,
+                   "--samples-per-shard", 30, "--num-workers", workers, "group_bytes=3000"])
+        outs.append(out)
+    assert man["groups"] == len(groups) and man["splits"]["train"]["documents"] + man["splits"]["val"]["documents"] == 119
+    tree = [{p.relative_to(o).as_posix(): p.read_bytes() for p in sorted(o.rglob("*")) if p.is_file()} for o in outs]
+    assert tree[0] == tree[1]
     errors = [json.loads(x) for x in (outs[1] / "errors.jsonl").read_text().splitlines()]
     assert errors == [{"reason": "invalid_json", "where": "big/a.jsonl:18", "detail": errors[0]["detail"]}]
+    assert verify_dir(outs[0])[0] == []

@@ -1,7 +1,9 @@
-"""A run killed mid-way (SIGKILL) and rerun with the same config gives byte-identical output."""
+"""A run killed mid-way (SIGKILL) and rerun with the same config gives byte-identical output;
+groups finished before the kill are skipped (their done-record and shards are reused)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,14 +13,14 @@ from data_prep.verify import verify_dir
 from dp_helpers import REPO, make_docs, run, write_txt_corpus
 
 ARGS = ["--tokenizer", "train:300", "--seq-len", "32", "--val-fraction", "0.1", "--samples-per-shard", "20",
-        "task_bytes=3000"]
+        "group_bytes=3000"]
 
 
 def _tree(out):
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_resume_after_kill_gives_identical_shards(tmp_path, ray_session):
+def test_resume_after_kill_gives_identical_shards(tmp_path, ray_session, capsys):
     corpus = write_txt_corpus(tmp_path / "corpus", make_docs(300, seed=3, lo=100, hi=300))
     ref = tmp_path / "ref"
     run(["--input", corpus, "--out", ref, *ARGS])
@@ -29,7 +31,7 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, ray_session):
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--input", str(corpus), "--out", str(out),
                              "--num-workers", "1", *ARGS], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = out / "train" / "shard-000003.tar"
+    target = out / "_work" / "groups" / "000003.json"
     deadline = time.time() + 120
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -39,8 +41,14 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, ray_session):
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     assert (out / "_work" / "job.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-*.tar")}
+    done = len(list((out / "_work" / "groups").glob("*.json")))
 
+    capsys.readouterr()
     man = run(["--input", corpus, "--out", out, "--num-workers", "2", *ARGS])
+    log = capsys.readouterr().err
+    # (a task already running when the driver was killed may still have finished its group)
+    m = re.search(r"resumed: (\d+) group\(s\) already done were skipped", log)
+    assert m and done <= int(m.group(1)) < man["groups"], log[-3000:]
     assert _tree(out) == _tree(ref)
     assert verify_dir(out)[0] == []
     after = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-*.tar")}

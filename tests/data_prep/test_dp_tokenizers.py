@@ -71,7 +71,7 @@ def test_run_with_gpt2_and_tokenizer_json_specs(tmp_path, small_corpus, ray_sess
     run(["--input", small_corpus, "--out", out2, "--tokenizer", saved, "--seq-len", 128, "--val-fraction", 0])
     run(["--input", small_corpus, "--out", out3, "--tokenizer", saved.parent, "--seq-len", 128, "--val-fraction", 0])
     for o in (out2, out3):
-        assert (o / "train" / "shard-000000.tar").read_bytes() == (out / "train" / "shard-000000.tar").read_bytes()
+        assert (o / "train" / "shard-000000-0000.tar").read_bytes() == (out / "train" / "shard-000000-0000.tar").read_bytes()
 
 
 @needs_bert

@@ -21,36 +21,46 @@ def test_intact_dataset_verifies_via_cli(wrap_out):
     assert "OK" in proc.stdout
 
 
+def _shard(out, split, i):
+    from data_prep.manifest import load_manifest
+
+    return load_manifest(out)["splits"][split]["shards"][i]["name"]
+
+
 def test_truncated_shard_is_reported(wrap_out, tmp_path):
     out = _copy(wrap_out, tmp_path / "t")
-    shard = out / "train" / "shard-000001.tar"
+    name = _shard(out, "train", 1)
+    stem = name.split("/")[1][:-4]
+    shard = out / name
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2 + 100])
     problems, _ = verify_dir(out)
     text = "\n".join(problems)
-    assert "train/shard-000001.tar: sha256 mismatch" in text
-    assert "train/shard-000001.tar: unreadable tar" in text or "samples read, manifest says" in text
-    assert all("shard-000001" in p for p in problems)
+    assert f"{name}: sha256 mismatch" in text
+    assert f"{name}: unreadable tar" in text or "samples read, manifest says" in text
+    assert all(stem in p for p in problems)
     proc = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(out)], cwd=REPO,
                           capture_output=True, text=True)
-    assert proc.returncode == 1 and "FAILED" in proc.stdout and "shard-000001.tar" in proc.stdout
+    assert proc.returncode == 1 and "FAILED" in proc.stdout and name in proc.stdout
 
 
 def test_bit_flip_is_reported(wrap_out, tmp_path):
     out = _copy(wrap_out, tmp_path / "b")
-    shard = out / "val" / "shard-000000.tar"
+    name = _shard(out, "val", 0)
+    shard = out / name
     data = bytearray(shard.read_bytes())
     data[512 + 128 + 10] ^= 0x01  # a token of the first sample (after tar header + npy header)
     shard.write_bytes(bytes(data))
     problems, _ = verify_dir(out)
-    assert problems and problems[0].startswith("val/shard-000000.tar: sha256 mismatch")
+    assert problems and problems[0].startswith(f"{name}: sha256 mismatch")
 
 
 def test_missing_and_stray_shards_and_tokenizer_change(wrap_out, tmp_path):
     out = _copy(wrap_out, tmp_path / "m")
-    (out / "train" / "shard-000000.tar").rename(out / "train" / "shard-000099.tar")
+    name = _shard(out, "train", 0)
+    (out / name).rename(out / "train" / "shard-000099-0000.tar")
     (out / "tokenizer" / "tokenizer.json").write_text("{}")
     text = "\n".join(verify_dir(out)[0])
-    assert "train/shard-000000.tar: missing" in text
-    assert "train/shard-000099.tar: shard file not listed" in text
+    assert f"{name}: missing" in text
+    assert "train/shard-000099-0000.tar: shard file not listed" in text
     assert "tokenizer/tokenizer.json: sha256 mismatch" in text
