@@ -13,7 +13,10 @@ from .mdlm import MDLM, AutoregressiveLM, eval_mode
 
 def antithetic_times(batch: int, k: int, eps: float, generator: torch.Generator | None, device) -> torch.Tensor:
     """(batch, k) times; the k draws of each sequence are stratified over [eps, 1]."""
-    u = torch.rand(batch, 1, generator=generator, dtype=torch.float64)
+    return _strata_times(torch.rand(batch, 1, generator=generator, dtype=torch.float64), k, eps, device)
+
+
+def _strata_times(u: torch.Tensor, k: int, eps: float, device) -> torch.Tensor:
     t = (torch.arange(k, dtype=torch.float64)[None] + u) / k
     return (eps + (1.0 - eps) * t).to(device=device, dtype=torch.float32)
 
@@ -27,6 +30,21 @@ def _mean_and_var(draws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return stacked.mean(dim=1), var
 
 
+def _uniforms(x0: torch.Tensor, k: int, generator: torch.Generator | None,
+              per_sequence: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The stratification offsets (B, 1) and the masking uniforms of each of the k draws.
+
+    `per_sequence` (B, 1 + k * L) fixes them per sequence (e.g. seeded by the sample's key), which
+    makes a result independent of batch composition and world size."""
+    b, length = x0.shape
+    if per_sequence is None:
+        return torch.rand(b, 1, generator=generator, dtype=torch.float64), [None] * k
+    if per_sequence.shape != (b, 1 + k * length):
+        raise ValueError(f"per-sequence uniforms must be shaped {(b, 1 + k * length)}, got {tuple(per_sequence.shape)}")
+    noise = [per_sequence[:, 1 + j * length:1 + (j + 1) * length].to(x0.device, torch.float32) for j in range(k)]
+    return per_sequence[:, :1].double().cpu(), noise
+
+
 def _masked_sum(nll: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is not None:
         nll = torch.where(valid.bool(), nll, torch.zeros_like(nll))
@@ -35,7 +53,8 @@ def _masked_sum(nll: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 @torch.no_grad()
 def mdlm_nelbo(model: MDLM, x0: torch.Tensor, k: int, generator: torch.Generator | None = None,
-               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               valid: torch.Tensor | None = None, uniforms: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Continuous-time NELBO per sequence, E_t[w(t) sum_masked -log p(x0 | z_t)], averaged over k
     stratified times in [eps, 1].
 
@@ -47,11 +66,12 @@ def mdlm_nelbo(model: MDLM, x0: torch.Tensor, k: int, generator: torch.Generator
     if k < 1:
         raise ValueError(f"need k >= 1 time samples, got {k}")
     with eval_mode(model):
-        times = antithetic_times(x0.shape[0], k, model.cfg.noise_eps, generator, x0.device)
+        u, noise = _uniforms(x0, k, generator, uniforms)
+        times = _strata_times(u, k, model.cfg.noise_eps, x0.device)
         draws = []
         for j in range(k):
             t = times[:, j]
-            nll, _ = model.token_nll(x0, t, generator)
+            nll, _ = model.token_nll(x0, t, generator, noise[j])
             draws.append(model.schedule.weight(t).double() * _masked_sum(nll, valid).double())
     return _mean_and_var(draws)
 
@@ -67,22 +87,22 @@ def discrete_coefficients(model: MDLM, steps: int) -> torch.Tensor:
 @torch.no_grad()
 def mdlm_discrete_nelbo(model: MDLM, x0: torch.Tensor, steps: int, k: int,
                         generator: torch.Generator | None = None,
-                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        valid: torch.Tensor | None = None, uniforms: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Discrete-time NELBO with T = steps (the exact bound of the T-step ancestral sampler):
     sum_i c_i E[sum_masked -log p(x0 | z_{t_i})], estimated by drawing k stratified step indices
     per sequence and scaling by T; with k = T every step is visited exactly once."""
     if steps < 1 or k < 1:
         raise ValueError(f"need steps >= 1 and k >= 1, got steps={steps}, k={k}")
     coef = discrete_coefficients(model, steps)
-    b = x0.shape[0]
     with eval_mode(model):
-        u = torch.rand(b, 1, generator=generator, dtype=torch.float64)
+        u, noise = _uniforms(x0, k, generator, uniforms)
         strata = (torch.arange(k, dtype=torch.float64)[None] + u) / k
         idx = (strata * steps).floor().long().clamp_(0, steps - 1)  # step i = idx + 1
         draws = []
         for j in range(k):
             t = ((idx[:, j] + 1).double() / steps).to(x0.device, torch.float32)
-            nll, _ = model.token_nll(x0, t, generator)
+            nll, _ = model.token_nll(x0, t, generator, noise[j])
             draws.append(steps * coef[idx[:, j]].to(x0.device) * _masked_sum(nll, valid).double())
     return _mean_and_var(draws)
 

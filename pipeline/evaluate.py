@@ -32,6 +32,19 @@ def conventions(manifest: dict) -> dict:
     }
 
 
+def key_uniforms(keys: list[str], seed: int, width: int) -> torch.Tensor:
+    """(B, width) float64 uniforms seeded by (seed, sample key): each sequence's Monte Carlo draws
+    are the same whatever the batch size, the world size or the order of evaluation."""
+    import hashlib
+
+    rows = []
+    for key in keys:
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        rows.append(torch.rand(width, generator=gen, dtype=torch.float64))
+    return torch.stack(rows)
+
+
 def _all_reduce(values: list[float], device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -52,18 +65,19 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
     # every rank reads the (small) eval split and keeps every W-th sample: the evaluated set is
     # the first samples of the split in file order, whatever the world size
     stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False, split_by="sample")
-    gen = torch.Generator(device="cpu").manual_seed(seed * 1000003 + rank)
     total, var, tokens, seqs = 0.0, 0.0, 0.0, 0
-    for i, (x0, valid, _) in enumerate(batches(stream, batch_size, drop_last=False)):
+    for i, (x0, valid, keys) in enumerate(batches(stream, batch_size, drop_last=False)):
         if max_batches and i >= max_batches:
             break
         x0 = x0.to(device)
         valid = valid.to(device) if valid is not None else None
         if isinstance(model, MDLM):
+            uniforms = key_uniforms(keys, seed, 1 + time_samples * x0.shape[1])
             if discrete_steps:
-                nelbo, v = mdlm_discrete_nelbo(model, x0, discrete_steps, time_samples, gen, valid)
+                nelbo, v = mdlm_discrete_nelbo(model, x0, discrete_steps, time_samples, valid=valid,
+                                               uniforms=uniforms)
             else:
-                nelbo, v = mdlm_nelbo(model, x0, time_samples, gen, valid)
+                nelbo, v = mdlm_nelbo(model, x0, time_samples, valid=valid, uniforms=uniforms)
             var += float(v.sum())
             tokens += float(valid.sum()) if valid is not None else x0.numel()
         else:
