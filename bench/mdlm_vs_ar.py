@@ -27,10 +27,10 @@ import torch  # noqa: E402
 
 from model.config import PRESETS, ModelConfig, expand_preset  # noqa: E402
 from model.dit import count_parameters  # noqa: E402
-from model.likelihood import ar_nll, mdlm_nelbo  # noqa: E402
 from model.mdlm import MDLM, build_model  # noqa: E402
 from model.noise import stratified_times  # noqa: E402
 from pipeline.data import ShardStream, batches, load_manifest  # noqa: E402
+from pipeline.evaluate import evaluate_likelihood  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="LR after warm-up: linear to 0 over --steps, or constant (the reference)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--time-samples", type=int, default=8, help="K times per sequence for the MDLM bound")
-    p.add_argument("--eval-sequences", type=int, default=512, help="validation sequences (0 = all)")
+    p.add_argument("--eval-sequences", type=int, default=512, help="validation sequences, rounded up to whole batches (0 = all)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,34 +110,13 @@ def train(objective: str, args, manifest: dict) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, args) -> dict:
-    device = torch.device(args.device)
-    stream = ShardStream(args.data, "val", shuffle=False, loop=False)
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    total, var, tokens, seqs = 0.0, 0.0, 0.0, 0
-    for x0, valid, _ in batches(stream, args.eval_batch_size, drop_last=False):
-        if args.eval_sequences:
-            x0 = x0[:args.eval_sequences - seqs]
-            valid = valid[:x0.shape[0]] if valid is not None else None
-        if x0.shape[0] == 0:
-            break
-        x0 = x0.to(device)
-        valid = valid.to(device) if valid is not None else None
-        if isinstance(model, MDLM):
-            nelbo, v = mdlm_nelbo(model, x0, args.time_samples, gen, valid)
-            var += float(v.sum())
-            tokens += float(valid.sum()) if valid is not None else x0.numel()
-        else:
-            nelbo = ar_nll(model, x0, valid)
-            tokens += float(valid[:, 1:].sum()) if valid is not None else x0[:, 1:].numel()
-        total += float(nelbo.sum())
-        seqs += x0.shape[0]
-    if tokens == 0:
-        raise SystemExit(f"the val split of {args.data} gave no tokens to evaluate")
-    nll = total / tokens
-    return {"nll_per_token": nll, "ppl": math.exp(nll), "se_per_token": math.sqrt(var) / tokens,
-            "eval_tokens": int(tokens), "eval_sequences": seqs}
+    """The project's evaluation (pipeline.evaluate): MDLM NELBO bound or AR exact NLL on val."""
+    max_batches = math.ceil(args.eval_sequences / args.eval_batch_size) if args.eval_sequences else 0
+    r = evaluate_likelihood(model, args.data, "val", args.eval_batch_size, args.time_samples,
+                            max_batches=max_batches, seed=args.seed + 2, device=torch.device(args.device))
+    return {"nll_per_token": r["nelbo"], "ppl": r["ppl_bound"], "se_per_token": r["nelbo_se"],
+            "eval_tokens": r["tokens"], "eval_sequences": r["sequences"]}
 
 
 def main(argv: list[str] | None = None) -> dict:

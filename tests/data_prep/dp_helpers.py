@@ -1,9 +1,7 @@
 """Helpers of the data_prep tests: generated corpora, in-process runs, paths."""
 from __future__ import annotations
 
-import os
 import random
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,13 +22,13 @@ def shards(tmp_path_factory) -> Path:
 def test_bench_trains_both_on_the_same_tokens_and_prints_the_ratio(shards, tmp_path, capsys):
     out_json = tmp_path / "result.json"
     result = main(["--data", str(shards), "--steps", "4", "--batch-size", "8", "--time-samples", "2",
-                   "--eval-sequences", "40", "--eval-batch-size", "16", "--output", str(out_json)])
+                   "--eval-sequences", "32", "--eval-batch-size", "16", "--output", str(out_json)])
     text = capsys.readouterr().out
     m, a = result["mdlm"], result["ar"]
     assert m["batches_sha256"] == a["batches_sha256"]  # same tokens, same order
     assert m["train_tokens"] == a["train_tokens"] == 4 * 8 * 16
-    assert m["eval_sequences"] == a["eval_sequences"] == 40
-    assert m["eval_tokens"] == 40 * 16 and a["eval_tokens"] == 40 * 15
+    assert m["eval_sequences"] == a["eval_sequences"] == 32
+    assert m["eval_tokens"] == 32 * 16 and a["eval_tokens"] == 32 * 15
     assert m["params"] > a["params"]  # adaLN is the only difference
     for r in (m, a):
         assert math.isfinite(r["ppl"]) and 1.0 < r["ppl"] < 9 * 1.5  # barely trained: near uniform over 8 + mask
