@@ -14,6 +14,10 @@ PRESETS: dict[str, dict] = {
     "mdlm-small": dict(n_layers=12, d_model=768, n_heads=12, cond_dim=128),
     "mdlm-medium": dict(n_layers=24, d_model=1024, n_heads=16, cond_dim=128),
     "mdlm-1b": dict(n_layers=20, d_model=2048, n_heads=16, cond_dim=128),
+    # Beyond one GPU (tensor parallel): head_dim 128, heads and MLP width divisible by TP 2/4/8,
+    # widths multiples of 128 (tensor cores, FP8), layer counts divisible by 2/4/8.
+    "mdlm-3b": dict(n_layers=24, d_model=3072, n_heads=24, cond_dim=128),   # ~3.09B
+    "mdlm-8b": dict(n_layers=40, d_model=4096, n_heads=32, cond_dim=128),   # ~8.59B
 }
 
 

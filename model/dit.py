@@ -75,7 +75,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: LayerFactory, causal: bool, adaptive: bool):
         super().__init__()
         d = cfg.d_model
-        self.n_heads = cfg.n_heads
+        self.n_heads = layers.local_heads(cfg.n_heads)  # heads computed on this rank
+        self.head_dim = cfg.head_dim
         self.causal = causal
         self.norm1 = LayerNormFP32(d)
         self.attn_qkv = layers.linear(d, 3 * d, bias=False, role="attn_qkv")
@@ -91,12 +92,12 @@ class Block(nn.Module):
             nn.init.zeros_(self.adaLN.bias)
 
     def attention(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        b, l, d = x.shape
-        qkv = self.attn_qkv(x).view(b, l, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        b, l = x.shape[:2]
+        qkv = self.attn_qkv(x).view(b, l, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.attn_out(out.transpose(1, 2).reshape(b, l, d))
+        return self.attn_out(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None, rotary) -> torch.Tensor:
         if self.adaLN is None:
@@ -139,8 +140,8 @@ class DiT(nn.Module):
         self.cfg = cfg
         causal = cfg.objective == "ar"
         adaptive = not causal
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.kaiming_uniform_(self.embed.weight, a=math.sqrt(5))
+        self.embed = layers.embedding(cfg.vocab_size, cfg.d_model,
+                                      init=lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)))
         self.sigma_map = TimestepEmbedder(cfg.cond_dim) if adaptive else None
         self.rotary = Rotary(cfg.head_dim)
         self.blocks = nn.ModuleList(Block(cfg, layers, causal, adaptive) for _ in range(cfg.n_layers))

@@ -74,6 +74,19 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor: int = 1                # tensor-parallel size (megatron-core layers); data parallel = world / tensor
+    sequence_parallel: bool = False
+
+    def validate(self) -> None:
+        if self.tensor < 1:
+            raise ConfigError(f"parallel.tensor={self.tensor} must be >= 1")
+        if self.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel=true is not implemented yet; "
+                              "use tensor parallelism without it")
+
+
+@dataclass
 class EvalConfig:
     time_samples: int = 4          # K Monte Carlo times per sequence for the NELBO
     max_batches: int = 0           # 0 = the whole split
@@ -110,6 +123,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         if not self.data.path:
@@ -117,6 +131,12 @@ class RunConfig:
         if not (Path(self.data.path) / "manifest.json").is_file():
             raise ConfigError(f"data.path '{self.data.path}' has no manifest.json; run "
                               "`python -m data_prep --out <dir> ...` first or fix the path")
+        tp = self.parallel.tensor
+        if tp > 1:
+            m = self.model
+            if m.n_heads % tp or (m.mlp_ratio * m.d_model) % tp:
+                raise ConfigError(f"parallel.tensor={tp} must divide model.n_heads={m.n_heads} and the "
+                                  f"MLP width {m.mlp_ratio * m.d_model}")
 
 
 def _prepare(raw: dict) -> dict:

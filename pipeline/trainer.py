@@ -103,8 +103,10 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     return ds
 
 
-def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device: torch.device):
-    """DeepSpeed engine with the project's AdamW (fused on GPU) and LR schedule."""
+def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device: torch.device, mpu=None):
+    """DeepSpeed engine with the project's AdamW (fused on GPU) and LR schedule. `world_size` is
+    the data-parallel size; `mpu` (pipeline/parallel.py) hands DeepSpeed the TP x DP groups so
+    ZeRO shards over the data-parallel group only."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -113,7 +115,7 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=build_deepspeed_config(cfg, world_size), dist_init_required=False)
+        config=build_deepspeed_config(cfg, world_size), dist_init_required=False, mpu=mpu)
     return engine, scheduler
 
 
@@ -142,6 +144,18 @@ class Trainer:
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.device = self.dist.device
+        # tensor x data parallel: the data stream, the noise rows and ZeRO follow the data-parallel
+        # rank; the ranks of one tensor-parallel group see the same samples
+        self.tp, self.mpu = cfg.parallel.tensor, None
+        self.dp_rank, self.dp_world = self.rank, self.world
+        if self.tp > 1:
+            from .parallel import MegatronMPU, initialize
+
+            try:
+                layout = initialize(self.tp)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+            self.dp_rank, self.dp_world, self.mpu = layout.data_rank, layout.data, MegatronMPU()
         self.run_dir = Path(cfg.run_dir)
         self.manifest = load_manifest(cfg.data.path)
         resolve_vocab(cfg.model, self.manifest)
@@ -150,11 +164,11 @@ class Trainer:
         if t.precision == "fp8":
             check_fp8(cfg.fp8, cfg.model.d_model, cfg.model.mlp_ratio,
                       cfg.data.micro_batch_size * self.seq_len, self.device)
-        self.grad_accum = build_deepspeed_config(cfg, self.world)["gradient_accumulation_steps"]
+        self.grad_accum = build_deepspeed_config(cfg, self.dp_world)["gradient_accumulation_steps"]
 
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model)
-        if t.precision == "fp8":
+        torch.manual_seed(t.seed)  # identical initial weights on every rank (TP: shards of them)
+        model = build_model(cfg.model, self._tp_layers(cfg) if self.tp > 1 else None)
+        if t.precision == "fp8" and self.tp == 1:
             converted = apply_fp8(model, cfg.fp8)
             if self.rank == 0:
                 log.info("fp8 (%s, %s) on %d block linears", cfg.fp8.backend, cfg.fp8.recipe, len(converted))
@@ -164,14 +178,22 @@ class Trainer:
         if t.compile:
             compile_blocks(model)
         self.is_mdlm = isinstance(model, MDLM)
-        self.flops_per_token = metrics.flops_per_token(metrics.matmul_params(model), cfg.model.n_layers,
-                                                       cfg.model.d_model, self.seq_len)
-        self.n_params = count_parameters(model)
-        self.engine, self.scheduler = make_engine(model, cfg, self.world, self.device)
-        torch.manual_seed(t.seed + 7919 * (self.rank + 1))  # dropout streams differ per rank
+        if self.tp > 1:
+            from model.tensor_parallel import full_parameter_counts, tp_layout
+
+            self.tp_layout = tp_layout(model)
+            self.n_params, n_matmul = full_parameter_counts(model)
+        else:
+            self.tp_layout, self.n_params, n_matmul = {}, count_parameters(model), metrics.matmul_params(model)
+        self.flops_per_token = metrics.flops_per_token(n_matmul, cfg.model.n_layers, cfg.model.d_model,
+                                                       self.seq_len)
+        self.engine, self.scheduler = make_engine(model, cfg, self.dp_world, self.device, mpu=self.mpu)
+        # dropout streams differ per data-parallel rank and agree within a tensor-parallel group
+        # (the residual stream is replicated there)
+        torch.manual_seed(t.seed + 7919 * (self.dp_rank + 1))
         self.ema = EMA(self._named_full_params(), t.ema) if t.ema > 0 else None
 
-        self.stream = ShardStream(cfg.data.path, "train", self.rank, self.world, cfg.data.seed, cfg.data.shuffle,
+        self.stream = ShardStream(cfg.data.path, "train", self.dp_rank, self.dp_world, cfg.data.seed, cfg.data.shuffle,
                                   split_by=cfg.data.split_by)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank)
         self.step = 0
@@ -192,6 +214,17 @@ class Trainer:
         self._inject_nan_steps = {int(s) for s in os.environ.get("MDLM_INJECT_NAN_STEPS", "").split(",") if s}
 
     # ---- setup helpers -------------------------------------------------------------------
+    def _tp_layers(self, cfg: RunConfig):
+        from model.tensor_parallel import MegatronTPLayers, te_available
+
+        use_te = False
+        if cfg.train.precision == "fp8":
+            if cfg.fp8.backend != "te" or not te_available():
+                raise ConfigError("train.precision=fp8 with parallel.tensor > 1 needs fp8.backend=te and "
+                                  "Transformer Engine importable (megatron-core's TE tensor-parallel layers)")
+            use_te = True
+        return MegatronTPLayers(use_te=use_te)
+
     @contextlib.contextmanager
     def _gathered(self):
         if self.cfg.train.zero_stage == 3:
@@ -251,6 +284,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "run_config": to_dict(self.cfg),
             "mlflow_run_id": self.mlflow_run_id,
+            # how the weights in this checkpoint's mp_rank_XX files are split (convert_tp reads it)
+            "parallel": {"tensor": self.tp, "data": self.dp_world, "layout": self.tp_layout},
         }
 
     def _restore(self, state: dict | None) -> None:
@@ -313,8 +348,9 @@ class Trainer:
             if self._keys_file is not None:
                 self._keys_file.write("".join(f"{self.step + 1}\t{k}\n" for k in keys))
                 self._keys_file.flush()
-            # local sample k of this step is global sample k * W + rank (exact with split_by=sample)
-            rows = (torch.arange(micro * mb, (micro + 1) * mb) * self.world + self.rank)
+            # local sample k of this step is global sample k * W + rank (exact with split_by=sample),
+            # W and rank being data-parallel
+            rows = (torch.arange(micro * mb, (micro + 1) * mb) * self.dp_world + self.dp_rank)
             kwargs = {"valid": valid.to(self.device) if valid is not None else None}
             with self._fp8_context():
                 if self.is_mdlm:
@@ -360,6 +396,8 @@ class Trainer:
 
     def eval_model(self) -> torch.nn.Module:
         model = build_model(self.cfg.model).to(self.device)
+        if self.tp > 1:  # collective: gather the full weights from the tensor-parallel shards
+            return self._gather_tp_model(model).eval()
         if self.ema and self.cfg.eval.use_ema:
             model.load_state_dict(self.ema.shadow)
         else:
@@ -367,6 +405,22 @@ class Trainer:
                 model.load_state_dict({plain_name(n): p.detach().float()
                                        for n, p in self.engine.module.state_dict().items()})
         return model.eval()
+
+    def _gather_tp_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from model.tensor_parallel import merge_state_dicts
+
+        from .parallel import tensor_group
+
+        if self.ema and self.cfg.eval.use_ema:
+            local = {n: t.cpu() for n, t in self.ema.shadow.items()}
+        else:
+            with self._gathered():
+                local = {plain_name(n): p.detach().float().cpu()
+                         for n, p in self.engine.module.state_dict().items() if torch.is_tensor(p)}
+        shards = [None] * self.tp
+        dist.all_gather_object(shards, local, group=tensor_group())
+        model.load_state_dict(merge_state_dicts(shards, self.tp_layout))
+        return model
 
     def evaluate(self) -> dict:
         from .evaluate import evaluate_likelihood
@@ -377,13 +431,13 @@ class Trainer:
                                      e.max_batches, e.seed, self.rank, self.world, self.device)
         return result
 
-    def sample(self) -> list[str]:
+    def sample(self, model: torch.nn.Module | None = None) -> list[str]:
         from tokenizers import Tokenizer
 
         from model.sampling import ar_sample, mdlm_ancestral
 
         s = self.cfg.sample
-        model = self.eval_model()
+        model = model if model is not None else self.eval_model()
         gen = torch.Generator().manual_seed(s.seed)
         length = s.length or self.seq_len
         if self.is_mdlm:
@@ -460,11 +514,12 @@ class Trainer:
         result = self.evaluate()
         self._log_eval(result)
         summary = {"step": self.step, "eval": result}
+        sample_model = self.eval_model() if self.tp > 1 else None  # gathering takes every rank
         if self.rank == 0:
             e = self.cfg.eval
             unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split, max_eval_samples=(
                 e.max_batches * (e.batch_size or self.cfg.data.micro_batch_size) * self.world))
-            texts = self.sample()
+            texts = self.sample(sample_model)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             samples_path = self.run_dir / "samples.txt"
             samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")

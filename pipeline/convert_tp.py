@@ -1,0 +1,90 @@
+"""Convert a tensor-parallel (TP=N) training checkpoint to a TP=1 one for sampling and export.
+
+    python -m pipeline.convert_tp --checkpoint runs/x/checkpoints [--out runs/x/checkpoints-tp1]
+
+Reads every mp_rank_XX_model_states.pt of the checkpoint (raw weights and EMA), merges the shards
+with the layout the trainer recorded in the client state (`parallel.layout`: which tensors are
+split along which dimension, the qkv interleave, the vocabulary padding), and writes
+<out>/<tag>/mp_rank_00_model_states.pt + COMPLETE + <out>/latest, which pipeline.inference,
+evaluate and sample load like any TP=1 checkpoint. Optimizer states are not converted: the
+result is for inference and export, not for resuming training.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from model.tensor_parallel import merge_state_dicts, strip_extra_state
+
+from .checkpoint import COMPLETE
+from .inference import resolve_checkpoint
+
+KEEP = ("step", "tokens_seen", "skipped_steps", "run_config", "mlflow_run_id")
+
+
+def model_state_files(ckpt: Path) -> list[Path]:
+    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"),
+                   key=lambda p: int(re.search(r"mp_rank_(\d+)", p.name).group(1)))
+    if not files:
+        raise FileNotFoundError(f"{ckpt} has no mp_rank_XX_model_states.pt files")
+    return files
+
+
+def convert(checkpoint: str | Path, out: str | Path) -> Path:
+    ckpt = resolve_checkpoint(checkpoint)
+    files = model_state_files(ckpt)
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    parallel = states[0].get("parallel") or {"tensor": 1, "layout": {}}
+    tp, layout = int(parallel.get("tensor", 1)), parallel.get("layout") or {}
+    if len(states) != tp:
+        raise ValueError(f"{ckpt}: the checkpoint says tensor parallel {tp} but has {len(states)} "
+                         "mp_rank files")
+    if not states[0].get("module"):
+        raise ValueError(f"{ckpt}: the model states hold no weights (ZeRO-3 keeps them in partitions); "
+                         "converting ZeRO-3 tensor-parallel checkpoints is not supported yet")
+    merged = {k: states[0][k] for k in KEEP if k in states[0]}
+    merged["module"] = merge_state_dicts([s["module"] for s in states], layout) if tp > 1 \
+        else strip_extra_state(states[0]["module"])
+    if all(s.get("ema") for s in states):
+        merged["ema"] = merge_state_dicts([s["ema"] for s in states], layout) if tp > 1 else states[0]["ema"]
+    run_config = copy.deepcopy(merged.get("run_config") or {})
+    run_config.setdefault("parallel", {})["tensor"] = 1
+    merged["run_config"] = run_config
+    merged["parallel"] = {"tensor": 1, "data": 1, "layout": {}, "converted_from_tensor": tp}
+    merged["world_size"] = 1
+
+    out_dir = Path(out) / ckpt.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "mp_rank_00_model_states.pt"
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(merged, tmp)
+    os.replace(tmp, target)
+    (out_dir / COMPLETE).write_text(f"{merged.get('step', 0)}\n")
+    (Path(out) / "latest").write_text(ckpt.name)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Merge a tensor-parallel checkpoint into a TP=1 one")
+    parser.add_argument("--checkpoint", required=True, help="a run's checkpoints dir or a stepNNNNNNNN dir")
+    parser.add_argument("--out", default=None, help="output directory (default: <checkpoints>-tp1)")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        out = args.out or str(ckpt.parent) + "-tp1"
+        path = convert(ckpt, out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"convert_tp: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Memory per GPU of an MDLM training run: tensor parallel x ZeRO stage x micro-batch.
+
+    python -m pipeline.memory --preset mdlm-8b --tensor 4 --zero-stage 3 --micro-batch 4 \\
+        --seq-len 1024 --gpus 64 [--precision bf16] [--vocab 50258] [--activation-checkpointing]
+
+Model states (bytes per parameter held by this GPU, AdamW, as the trainer runs DeepSpeed):
+  bf16/fp8: weights 2, gradients 2, optimizer 12 (fp32 master copy + Adam m and v)
+  fp32:     weights 4, gradients 4, optimizer 8 (Adam m and v)
+  EMA:      4 (fp32 copy of this rank's tensor-parallel shard, on every data-parallel rank)
+Tensor parallelism splits the block projections, the embedding and the output head over TP
+ranks (vocabulary padded to a multiple of TP); norms, adaLN and the timestep MLP are replicated.
+ZeRO splits over the data-parallel group D = gpus / TP: stage 1 the optimizer states, stage 2
+also the gradients, stage 3 also the weights.
+
+Activations kept for backward, one micro-batch of T = b * s tokens, counted for this DiT as
+autograd keeps them (checked against the tensors autograd saves on CPU, tests/pipeline/
+test_tp_memory.py), per block in units of T*d elements:
+  replicated on every TP rank: the 2 LayerNorm inputs (fp32: LayerNormFP32 upcasts), the 2 norm
+    outputs and 2 modulated outputs (adaLN), the 2 branch outputs the gates multiply, and with
+    dropout the 2 dropout masks (at activation width);
+  split over TP (/t): the qkv output (3), rotated q and k (2), the attention output and its
+    head-merged copy (2; scaled_dot_product_attention keeps no L x L score matrix), the MLP's
+    4d-wide input and GELU output (8) = 15.
+So per block 8 fp32 + 6 (8 with dropout) + 15/t elements at the activation width: the analogue of
+Korthikanti et al. 2022's s*b*h*(10 + 24/t) without its attention-score term. The output head
+adds the fp32 log-softmax of the gathered logits (4*T*V bytes: logits are gathered over TP, see
+model/tensor_parallel.py) and the final norm's input and outputs. With activation checkpointing
+each block keeps only its input (T*d) plus one block's activations during its recompute.
+Framework buffers, fragmentation and communication buffers are not counted (add ~10-20%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+from model.config import ModelConfig, model_config
+from pipeline.configtools import ConfigError
+
+GIB = 2**30
+TIMESTEP_FREQ_DIM = 256  # model/dit.py TimestepEmbedder
+
+
+def _pad(v: int, multiple: int) -> int:
+    return -(-v // multiple) * multiple
+
+
+def parameter_split(cfg: ModelConfig, tensor: int = 1) -> dict:
+    """Parameters of the MDLM (adaptive DiT) by how TP treats them: {'sharded_full': count of the
+    plain model's parameters that are split, 'sharded_local': their count on one TP rank (with
+    the vocabulary padding), 'replicated': the rest, 'total': the plain model's count}."""
+    d, c, n, v, r = cfg.d_model, cfg.cond_dim, cfg.n_layers, cfg.vocab_size, cfg.mlp_ratio
+    adaptive = cfg.objective == "mdlm"
+    per_block_split = 3 * d * d + d * d + (d * r * d + r * d) + r * d * d   # qkv, out, mlp_in (+bias), mlp_out
+    per_block_repl = d + 2 * d + (c * 6 * d + 6 * d if adaptive else 0)  # mlp_out bias, 2 norms, adaLN
+    vp = _pad(v, tensor)
+    head_split_full = v * d + v * d + v                                       # embedding, output weight + bias
+    head_split_local = (vp * d + vp * d + vp) // tensor
+    final_repl = d + ((c * 2 * d + 2 * d) if adaptive else 0)                   # final norm + adaLN
+    sigma = (TIMESTEP_FREQ_DIM * c + c + c * c + c) if adaptive else 0
+    sharded_full = n * per_block_split + head_split_full
+    sharded_local = n * per_block_split // tensor + head_split_local
+    replicated = n * per_block_repl + final_repl + sigma
+    return {"sharded_full": sharded_full, "sharded_local": sharded_local, "replicated": replicated,
+            "total": sharded_full + replicated, "local": sharded_local + replicated}
+
+
+@dataclass
+class MemoryEstimate:
+    preset: str
+    params_total: int
+    params_per_gpu: int          # this TP rank's parameters (before ZeRO)
+    tensor: int
+    data: int
+    zero_stage: int
+    micro_batch: int
+    seq_len: int
+    precision: str
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    ema_gib: float
+    activations_gib: float
+    total_gib: float
+
+
+def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, seq_len: int, gpus: int,
+             precision: str = "bf16", ema: bool = True, activation_checkpointing: bool = False) -> MemoryEstimate:
+    if gpus % tensor:
+        raise ValueError(f"--tensor {tensor} must divide --gpus {gpus}")
+    if cfg.n_heads % tensor:
+        raise ValueError(f"--tensor {tensor} must divide the {cfg.n_heads} attention heads")
+    data = gpus // tensor
+    split = parameter_split(cfg, tensor)
+    p = split["local"]
+    half = precision in ("bf16", "fp8")
+    w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 8)
+    weights = p * w_bytes / (data if zero_stage >= 3 else 1)
+    grads = p * g_bytes / (data if zero_stage >= 2 else 1)
+    optimizer = p * o_bytes / (data if zero_stage >= 1 else 1)
+    ema_bytes = p * 4 if ema else 0
+    act = activation_bytes(cfg, tensor, micro_batch, seq_len, 2 if half else 4, activation_checkpointing)
+    total = weights + grads + optimizer + ema_bytes + act
+    return MemoryEstimate(cfg.preset, split["total"], p, tensor, data, zero_stage, micro_batch, seq_len,
+                          precision, weights / GIB, grads / GIB, optimizer / GIB, ema_bytes / GIB, act / GIB,
+                          total / GIB)
+
+
+def activation_bytes(cfg: ModelConfig, tensor: int, micro_batch: int, seq_len: int, act_bytes: int = 2,
+                     activation_checkpointing: bool = False) -> float:
+    """Bytes of activations kept for backward for one micro-batch (see the module docstring)."""
+    t_tok, d, v, a = micro_batch * seq_len, cfg.d_model, cfg.vocab_size, act_bytes
+    td = t_tok * d
+    replicated = 2 * 4 * td + 6 * a * td + (2 * a * td if cfg.dropout > 0 else 0)
+    split = 15 * a * td / tensor
+    per_layer = replicated + split
+    head = 4 * t_tok * v + 4 * td + 2 * a * td
+    if activation_checkpointing:
+        return cfg.n_layers * a * td + per_layer + head
+    return cfg.n_layers * per_layer + head
+
+
+def format_table(est: MemoryEstimate) -> str:
+    rows = [("weights", est.weights_gib), ("gradients", est.grads_gib), ("optimizer states", est.optimizer_gib),
+            ("EMA (fp32)", est.ema_gib), ("activations", est.activations_gib), ("total", est.total_gib)]
+    head = (f"{est.preset}: {est.params_total / 1e9:.2f}B parameters, {est.params_per_gpu / 1e9:.3f}B per TP rank; "
+            f"TP={est.tensor} x DP={est.data}, ZeRO-{est.zero_stage}, micro-batch {est.micro_batch} x "
+            f"{est.seq_len} tokens, {est.precision}")
+    return "\n".join([head] + [f"  {name:<17}{gib:10.2f} GiB" for name, gib in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Per-GPU memory of MDLM training (TP x ZeRO x micro-batch)")
+    ap.add_argument("--preset", default="mdlm-8b")
+    ap.add_argument("--vocab", type=int, default=50258)
+    ap.add_argument("--tensor", type=int, default=1)
+    ap.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8", "fp32"))
+    ap.add_argument("--dropout", type=float, default=None, help="default: the preset's (0.1)")
+    ap.add_argument("--no-ema", action="store_true")
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    overrides = {"vocab_size": args.vocab}
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    try:
+        cfg = model_config(args.preset, **overrides)
+        est = estimate(cfg, args.tensor, args.zero_stage, args.micro_batch, args.seq_len, args.gpus,
+                       args.precision, not args.no_ema, args.activation_checkpointing)
+    except (ValueError, ConfigError) as err:
+        print(f"memory: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(est), indent=2) if args.json else format_table(est))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
