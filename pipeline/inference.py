@@ -44,6 +44,10 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True, device="cpu") 
         raise FileNotFoundError(f"{ckpt} has no DeepSpeed model states file")
     state = torch.load(states[0], map_location="cpu", weights_only=False)
     config = state["run_config"]
+    tensor = int((state.get("parallel") or {}).get("tensor", 1))
+    if tensor > 1:
+        raise ValueError(f"{ckpt} is a tensor-parallel checkpoint (TP={tensor}); merge it first: "
+                         f"python -m pipeline.convert_tp --checkpoint {ckpt} --out <dir>")
     model = build_model(from_dict(ModelConfig, config["model"], "model"))
     if use_ema and state.get("ema"):
         weights, source = state["ema"], "ema"

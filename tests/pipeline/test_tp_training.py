@@ -112,3 +112,10 @@ def test_converted_checkpoint_gives_tp2_logits(tp2_dp2, tmp_path):
         assert err < LOGITS_TOL
     ema = load_checkpoint_model(out, use_ema=True)
     assert ema.weights == "ema"
+
+
+def test_unconverted_tp_checkpoint_points_to_the_converter(tp2_dp2):
+    from pipeline.inference import load_checkpoint_model
+
+    with pytest.raises(ValueError, match="python -m pipeline.convert_tp"):
+        load_checkpoint_model(tp2_dp2 / "checkpoints")
