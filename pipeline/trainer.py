@@ -141,6 +141,10 @@ class EMA:
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None):
         self.cfg = cfg
+        # record SIGTERM/SIGUSR1 from the start: one that arrives while DeepSpeed initialises
+        # (preemption, a requeue's time-limit warning) stops the run after its first step
+        self.stop_signal: int | None = None
+        self._install_signal_handlers()
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.device = self.dist.device
@@ -201,7 +205,6 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self.mlflow_run_id: str | None = None
-        self.stop_signal: int | None = None
         if resume:
             self._restore(self.checkpoints.load(self.engine, resume))
         self.tracker = self._start_tracking() if self.rank == 0 and cfg.tracking.enabled else None
@@ -460,7 +463,6 @@ class Trainer:
 
     def run(self) -> dict:
         t = self.cfg.train
-        self._install_signal_handlers()
         self.engine.train()
         window_start, window_tokens = time.perf_counter(), 0
         start_step, run_start = self.step, time.perf_counter()
