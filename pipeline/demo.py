@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    corpus: {corpus}")
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # one CPU process per core: more threads per process only oversubscribe the cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.processes)))
     timings = {}
     timings["data_prep"] = _run(
         [python, "-m", "data_prep", "--input", str(corpus), "--out", str(data_dir),

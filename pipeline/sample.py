@@ -1,8 +1,15 @@
-"""Generate text from a trained checkpoint.
+"""Generate text from a trained checkpoint (EMA weights by default).
 
     python -m pipeline.sample --checkpoint RUN_DIR/checkpoints --steps 128 --num-samples 4 --length 128
+        [--prompt TEXT] [--suffix TEXT] [--sampler ancestral|cached|semi-ar|confidence]
+        [--block-size B] [--carry C] [--top-p P] [--seed S] [--judge AR_CKPT]
 
-Writes the texts and a JSON with network calls, wall time and tokens/s (EMA weights by default).
+Writes PREFIX.txt (the texts) and PREFIX.json (network calls, rows evaluated, wall time, tokens/s,
+entropy, and gen-PPL under --judge). MDLM samples start with BOS followed by the prompt when one is
+given (training samples begin with BOS); `[MASK]` in the prompt or suffix marks a position for the
+model to fill (infilling); --suffix puts known tokens at the end of each sample. An AR checkpoint
+decodes from BOS + prompt with a KV cache (--sampler ancestral turns the cache off).
+Bad arguments fail with exit code 2 before the model is loaded.
 """
 from __future__ import annotations
 
@@ -12,58 +19,167 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# the choices of model.sampling.SAMPLERS (a test keeps them equal): argument errors are reported
+# without importing torch
+SAMPLERS = ("ancestral", "cached", "semi-ar", "confidence")
+MASK_MARK = "[MASK]"
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a run dir, its checkpoints dir, or one step dir")
-    p.add_argument("--steps", type=int, default=128, help="reverse-process steps T (MDLM)")
+    p.add_argument("--steps", type=int, default=128, help="reverse-process steps T (MDLM; per block for semi-ar)")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--length", type=int, default=0, help="tokens per sample (default: training seq_len)")
+    p.add_argument("--prompt", default="", help="text the samples start with ([MASK] = a position to fill)")
+    p.add_argument("--suffix", default="", help="text the samples end with (MDLM infilling)")
+    p.add_argument("--sampler", default="cached", choices=SAMPLERS,
+                   help="ancestral (a call per step), cached (default), semi-ar (blocks), confidence (top-k)")
+    p.add_argument("--block-size", type=int, default=0, help="semi-ar block size (default: training seq_len)")
+    p.add_argument("--carry", type=int, default=-1, help="semi-ar: tokens of the previous block kept as "
+                                                          "the next block's prefix (default: block size // 2)")
+    p.add_argument("--final", default="sample", choices=["sample", "argmax"],
+                   help="how the last step fills the remaining masks")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", action="store_true", help="call the network at every step")
+    p.add_argument("--no-cache", action="store_true", help="same as --sampler ancestral")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default; 1 is fastest on busy cores)")
+    p.add_argument("--judge", default="", help="AR checkpoint (or Hugging Face directory) for gen-PPL")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the run's data tokenizer)")
     p.add_argument("--output", default="samples", help="output prefix: writes PREFIX.txt and PREFIX.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.no_cache and args.sampler == "cached":
+        args.sampler = "ancestral"
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0 (got {args.threads})")
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1 (got {args.steps}): T is the number of reverse-process steps")
+    if args.num_samples < 1:
+        p.error(f"--num-samples must be >= 1 (got {args.num_samples})")
+    if args.length < 0:
+        p.error(f"--length must be >= 1, or 0 for the training seq_len (got {args.length})")
+    if not 0.0 < args.top_p <= 1.0:
+        p.error(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.block_size and args.block_size < 2:
+        p.error(f"--block-size must be >= 2 (got {args.block_size})")
+    if args.carry >= 0 and args.block_size and args.carry >= args.block_size:
+        p.error(f"--carry must be smaller than --block-size (got {args.carry} >= {args.block_size})")
+    if args.sampler != "semi-ar" and (args.block_size or args.carry >= 0):
+        p.error("--block-size and --carry only apply to --sampler semi-ar")
+    return p, args
+
+
+def _run_config(ckpt: Path) -> dict:
+    """The run config stored with the weights, read without loading them (the tensors are
+    memory-mapped, not read)."""
+    import torch
+
+    states = sorted(ckpt.glob("mp_rank_00_model_states.pt")) or sorted(ckpt.glob("*model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"{ckpt} has no DeepSpeed model states file")
+    return torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)["run_config"]
+
+
+def _encode(tok, text: str, mask_id: int | None) -> list[int]:
+    """Token ids of text; each [MASK] becomes mask_id (MDLM) or is refused (AR)."""
+    pieces = text.split(MASK_MARK)
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            ids.append(mask_id)
+        if piece:
+            ids.extend(tok.encode(piece, add_special_tokens=False).ids)
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.steps < 1:
-        print(f"error: --steps must be >= 1 (got {args.steps})", file=sys.stderr)
-        return 2
+    parser, args = parse_args(argv)
+    import torch
     from tokenizers import Tokenizer
 
-    from model.mdlm import MDLM
-    from model.sampling import ar_sample, mdlm_ancestral
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     from .data import load_manifest
+    from .inference import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        config = _run_config(ckpt)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    data_dir = Path(config["data"]["path"])
+    manifest = load_manifest(data_dir)
+    objective = config["model"].get("objective", "mdlm")
+    mask_id = int(manifest["mask_token_id"]) if objective == "mdlm" else None
+    bos_id = int(manifest["tokenizer"]["bos_id"])
+    length = args.length or int(manifest["seq_len"])
+    tok = Tokenizer.from_file(args.tokenizer or str(data_dir / "tokenizer" / "tokenizer.json"))
+
+    # every check that needs no weights, before loading them
+    if objective != "mdlm" and (args.suffix or MASK_MARK in args.prompt):
+        parser.error("--suffix and [MASK] infilling need an MDLM checkpoint (AR decodes left to right)")
+    if objective != "mdlm" and args.sampler in ("semi-ar", "confidence"):
+        parser.error(f"--sampler {args.sampler} needs an MDLM checkpoint")
+    prompt = _encode(tok, args.prompt, mask_id) if args.prompt else []
+    suffix = _encode(tok, args.suffix, mask_id) if args.suffix else []
+    fixed = 1 + len(prompt) + len(suffix) if (prompt or objective != "mdlm") else len(suffix)
+    if fixed > length:
+        parser.error(f"the prompt has {len(prompt)} tokens (+1 BOS{f', +{len(suffix)} suffix' if suffix else ''}) "
+                     f"but the sample length is {length}: raise --length or shorten the prompt")
+    block_size = args.block_size or int(manifest["seq_len"])
+    carry = args.carry if args.carry >= 0 else block_size // 2
+    if args.sampler == "semi-ar" and carry >= block_size:
+        parser.error(f"--carry must be smaller than the block size (got {carry} >= {block_size})")
+
+    from model.mdlm import MDLM
+    from model.sampling import generate
+
     from .inference import load_checkpoint_model
 
-    loaded = load_checkpoint_model(args.checkpoint, use_ema=not args.no_ema)
-    data_dir = Path(loaded.config["data"]["path"])
-    manifest = load_manifest(data_dir)
-    length = args.length or int(manifest["seq_len"])
+    loaded = load_checkpoint_model(ckpt, use_ema=not args.no_ema, device=args.device)
+    model = loaded.model
+    canvas = None
+    if isinstance(model, MDLM):
+        if prompt or suffix:
+            canvas = torch.full((length,), model.mask_id, dtype=torch.long)
+            head = [bos_id, *prompt] if prompt else []
+            canvas[:len(head)] = torch.tensor(head, dtype=torch.long)
+            if suffix:
+                canvas[length - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+    elif prompt:
+        canvas = torch.tensor(prompt, dtype=torch.long)
     gen = torch.Generator().manual_seed(args.seed)
+    sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
+    sync()
     start = time.perf_counter()
-    if isinstance(loaded.model, MDLM):
-        result = mdlm_ancestral(loaded.model, args.num_samples, length, args.steps, generator=gen,
-                                use_cache=not args.no_cache, top_p=args.top_p)
-    else:
-        result = ar_sample(loaded.model, args.num_samples, length, int(manifest["tokenizer"]["bos_id"]),
-                           generator=gen, top_p=args.top_p)
+    result = generate(model, args.num_samples, length, sampler=args.sampler, steps=args.steps,
+                      block_size=block_size if args.sampler == "semi-ar" else None, carry=carry,
+                      prompt=canvas, top_p=args.top_p, generator=gen, bos_id=bos_id, final=args.final,
+                      device=args.device)
+    sync()
     wall = time.perf_counter() - start
-    tok = Tokenizer.from_file(args.tokenizer or str(data_dir / "tokenizer" / "tokenizer.json"))
-    texts = [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens]
+    tokens = result.tokens.cpu()
+    texts = [tok.decode(row.tolist(), skip_special_tokens=False) for row in tokens]
     prefix = Path(args.output)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".txt").write_text("\n\n=====\n\n".join(texts) + "\n")
-    stats = {"checkpoint": str(loaded.path), "weights": loaded.weights, "steps": args.steps,
-             "num_samples": args.num_samples, "length": length, "network_calls": result.network_calls,
-             "wall_s": wall, "tokens_per_s": args.num_samples * length / wall}
+    from .genppl import evaluate_samples, load_judge
+
+    judge = load_judge(args.judge, args.device) if args.judge else None
+    quality = evaluate_samples(tokens, judge, texts)
+    stats = {"checkpoint": str(loaded.path), "weights": loaded.weights, "objective": objective,
+             "sampler": args.sampler if objective == "mdlm" else ("ar-kv" if args.sampler != "ancestral" else "ar"),
+             "steps": args.steps, "block_size": block_size if args.sampler == "semi-ar" else None,
+             "carry": carry if args.sampler == "semi-ar" else None, "top_p": args.top_p, "seed": args.seed,
+             "final": args.final, "num_samples": args.num_samples, "length": length,
+             "prompt_tokens": len(prompt), "suffix_tokens": len(suffix), **result.stats(),
+             "wall_s": wall, "tokens_per_s": args.num_samples * length / wall, "device": str(args.device),
+             **quality}
     prefix.with_suffix(".json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))
     return 0

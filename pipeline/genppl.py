@@ -1,0 +1,147 @@
+"""Generative evaluation of samples: perplexity under a judge AR model, and unigram entropy.
+
+Judges:
+- the project's own AR checkpoint (`load_checkpoint_model`, EMA weights): scores the token ids as
+  they are, so it must share the samples' tokenizer;
+- a Hugging Face causal-LM directory (config.json + weights), when `transformers` is installed:
+  the samples are decoded to text and re-tokenized with the judge's tokenizer.
+
+Convention (recorded in every result): the first token of each sample is context only; the judge
+scores tokens 1..L-1 of each sample, so an AR sample (BOS + L-1 generated tokens) and an MDLM sample
+of the same length are scored on the same number of tokens. Gen-PPL = exp(total NLL / scored tokens).
+Entropy: the unigram entropy (nats) of each sample's tokens, averaged over samples (low-temperature
+or degenerate samplers lower it together with gen-PPL), and the entropy of all samples pooled.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+JUDGE_CONVENTION = "tokens 1..L-1 of each sample scored given the tokens before them (token 0 is context)"
+
+
+def unigram_entropy(tokens: torch.Tensor) -> dict:
+    """Mean per-sample unigram entropy and the pooled entropy, in nats."""
+    tokens = torch.as_tensor(tokens).long().cpu()
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+
+    def entropy(row: torch.Tensor) -> float:
+        counts = torch.bincount(row).double()
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * p.log()).sum())
+
+    per = [entropy(row) for row in tokens] if tokens.numel() else [0.0]
+    return {"entropy": sum(per) / len(per), "entropy_pooled": entropy(tokens.reshape(-1)) if tokens.numel() else 0.0}
+
+
+class ProjectJudge:
+    """An AutoregressiveLM from this project scoring token ids directly."""
+
+    kind = "project"
+
+    def __init__(self, model, name: str = "", tokenizer_sha: str | None = None):
+        from model.mdlm import AutoregressiveLM
+
+        if not isinstance(model, AutoregressiveLM):
+            raise TypeError(f"the judge must be an autoregressive model (model.objective=ar), "
+                             f"got {type(model).__name__}")
+        self.model, self.name, self.tokenizer_sha = model, name, tokenizer_sha
+
+    @torch.no_grad()
+    def nll(self, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 32) -> tuple[float, int]:
+        from model.likelihood import ar_nll
+        from model.mdlm import model_device
+
+        tokens = torch.as_tensor(tokens).long()
+        if tokens.shape[1] < 2:
+            raise ValueError("gen-PPL needs samples of at least 2 tokens")
+        vocab = self.model.cfg.vocab_size
+        if int(tokens.max()) >= vocab:
+            raise ValueError(f"sample token id {int(tokens.max())} is outside the judge's vocabulary ({vocab}): "
+                             "the judge must use the samples' tokenizer")
+        device = model_device(self.model)
+        total = 0.0
+        for i in range(0, tokens.shape[0], batch_size):
+            total += float(ar_nll(self.model, tokens[i:i + batch_size].to(device)).sum())
+        return total, tokens.shape[0] * (tokens.shape[1] - 1)
+
+
+class HFJudge:
+    """A Hugging Face causal LM directory; needs `transformers` (optional dependency)."""
+
+    kind = "huggingface"
+
+    def __init__(self, path: str | Path, device="cpu"):
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as err:
+            raise RuntimeError(f"judge '{path}' is a Hugging Face model directory, but `transformers` is not "
+                               "installed: pip install transformers, or judge with an AR checkpoint of this "
+                               "project") from err
+        self.name = str(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def nll(self, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 8) -> tuple[float, int]:
+        if texts is None:
+            raise ValueError("a Hugging Face judge scores decoded texts: pass texts")
+        total, count = 0.0, 0
+        for text in texts:
+            ids = self.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
+            if ids.shape[1] < 2:
+                continue
+            max_len = getattr(self.model.config, "max_position_embeddings", None) or ids.shape[1]
+            ids = ids[:, :max_len]
+            logits = self.model(ids).logits[:, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             ids[:, 1:].reshape(-1), reduction="sum"))
+            count += ids.shape[1] - 1
+        return total, count
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "checkpoints").is_dir() \
+        and not any(path.glob("*model_states.pt"))
+
+
+def tokenizer_sha(config: dict) -> str | None:
+    """sha256 of the run's tokenizer.json, from its data manifest (None when unknown)."""
+    try:
+        from .data import load_manifest
+
+        manifest = load_manifest(config["data"]["path"])
+        return manifest["tokenizer"]["files"].get("tokenizer.json") or manifest["tokenizer"].get("name")
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def load_judge(path: str | Path, device="cpu", use_ema: bool = True):
+    """A ProjectJudge from an AR checkpoint (run dir, checkpoints dir or step dir) or an HFJudge
+    from a Hugging Face model directory."""
+    if is_hf_directory(path):
+        return HFJudge(path, device)
+    from .inference import load_checkpoint_model
+
+    loaded = load_checkpoint_model(path, use_ema=use_ema, device=device)
+    return ProjectJudge(loaded.model, str(loaded.path), tokenizer_sha(loaded.config))
+
+
+def gen_ppl(judge, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 32) -> dict:
+    total, count = judge.nll(tokens, texts, batch_size)
+    if count == 0:
+        raise ValueError("no tokens to score")
+    return {"gen_ppl": math.exp(total / count), "gen_nll": total / count, "judge_tokens": count,
+            "judge": judge.name, "judge_kind": judge.kind, "judge_convention": JUDGE_CONVENTION}
+
+
+def evaluate_samples(tokens: torch.Tensor, judge=None, texts: list[str] | None = None, batch_size: int = 32) -> dict:
+    out = unigram_entropy(tokens)
+    if judge is not None:
+        out.update(gen_ppl(judge, tokens, texts, batch_size))
+    return out

@@ -1,0 +1,222 @@
+"""The sample CLI, gen-PPL and the sampling bench on tiny checkpoints trained by the real trainer
+(one bare process each, shared by every test of this module)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import ROOT, run_single
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def ckpts(markov_data, tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("sample-ckpts")
+    out = {}
+    for objective in ("mdlm", "ar"):
+        run_dir = base / objective
+        run_single(run_dir, markov_data, f"train.max_steps={STEPS}", "tracking.enabled=false",
+                   f"model.objective={objective}", env_extra={"OMP_NUM_THREADS": "1"})
+        out[objective] = run_dir
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sample(ckpt: Path, tmp_path: Path, name: str, *args: str) -> tuple[dict, list[str]]:
+    from pipeline.sample import main
+
+    prefix = tmp_path / name
+    assert main(["--checkpoint", str(ckpt), "--output", str(prefix), "--threads", "1", *args]) == 0
+    stats = json.loads(prefix.with_suffix(".json").read_text())
+    texts = prefix.with_suffix(".txt").read_text().strip().split("\n\n=====\n\n")
+    return stats, texts
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "cached", "confidence"])
+def test_each_sampler_writes_texts_and_costs(ckpts, tmp_path, sampler):
+    stats, texts = sample(ckpts["mdlm"], tmp_path, sampler, "--sampler", sampler, "--steps", "64",
+                          "--num-samples", "3", "--length", "16", "--seed", "1")
+    assert stats["weights"] == "ema" and stats["sampler"] == sampler
+    assert (stats["num_samples"], stats["length"]) == (3, 16)
+    assert len(texts) == 3 and all(len(words(t)) == 16 for t in texts)
+    assert stats["wall_s"] > 0 and stats["tokens_per_s"] == pytest.approx(3 * 16 / stats["wall_s"])
+    assert stats["network_calls"] >= 1 and stats["rows_evaluated"] >= stats["network_calls"]
+    if sampler == "ancestral":
+        assert stats["network_calls"] == 64 and 64 < stats["rows_evaluated"] <= 3 * 64  # finished rows stop
+    else:
+        assert stats["max_calls_per_sample"] <= min(64, 16) + 1
+    assert 0 < stats["entropy"] <= stats["entropy_pooled"] + 1e-9
+
+
+def test_cached_and_uncached_cli_give_the_same_texts(ckpts, tmp_path):
+    args = ("--steps", "40", "--num-samples", "2", "--length", "24", "--seed", "5")
+    cached, a = sample(ckpts["mdlm"], tmp_path, "c", *args)
+    plain, b = sample(ckpts["mdlm"], tmp_path, "p", *args, "--no-cache")
+    assert a == b and plain["sampler"] == "ancestral"
+    assert cached["rows_evaluated"] < plain["rows_evaluated"]
+
+
+def test_prompt_and_suffix_are_kept_and_semi_ar_goes_past_the_context(ckpts, tmp_path):
+    stats, texts = sample(ckpts["mdlm"], tmp_path, "prompted", "--steps", "8", "--num-samples", "2",
+                          "--length", "20", "--prompt", "t3 t5 [MASK] t7", "--suffix", "t1 t2")
+    assert stats["prompt_tokens"] == 4 and stats["suffix_tokens"] == 2
+    for t in texts:
+        w = words(t)
+        assert len(w) == 20 and w[:5:2] == ["t0", "t5", "t7"] and w[1] == "t3" and w[-2:] == ["t1", "t2"]
+        assert "[MASK]" not in t
+    # seq_len is 32: 80 tokens in blocks of 32 carrying 16
+    stats, texts = sample(ckpts["mdlm"], tmp_path, "semi", "--sampler", "semi-ar", "--steps", "8",
+                          "--num-samples", "2", "--length", "80", "--block-size", "32", "--prompt", "t9 t9")
+    assert stats["blocks"] == 4 and stats["block_size"] == 32 and stats["carry"] == 16
+    assert all(len(words(t)) == 80 and words(t)[:3] == ["t0", "t9", "t9"] for t in texts)
+
+
+def test_ar_checkpoint_decodes_with_the_kv_cache(ckpts, tmp_path):
+    args = ("--num-samples", "2", "--length", "20", "--seed", "3", "--prompt", "t4 t4")
+    kv, a = sample(ckpts["ar"], tmp_path, "kv", *args)
+    plain, b = sample(ckpts["ar"], tmp_path, "plain", *args, "--sampler", "ancestral")
+    assert a == b and kv["sampler"] == "ar-kv" and plain["sampler"] == "ar"
+    assert kv["network_calls"] == plain["network_calls"] == 20 - 3
+    assert all(words(t)[:3] == ["t0", "t4", "t4"] and len(words(t)) == 20 for t in a)
+
+
+def test_gen_ppl_under_the_ar_judge(ckpts, tmp_path):
+    stats, _ = sample(ckpts["mdlm"], tmp_path, "judged", "--steps", "16", "--num-samples", "4", "--length", "16",
+                      "--judge", str(ckpts["ar"]))
+    assert 1.0 < stats["gen_ppl"] < 17 * 3 and stats["judge_tokens"] == 4 * 15
+    assert stats["judge_kind"] == "project" and "token 0 is context" in stats["judge_convention"]
+
+
+def test_gen_ppl_matches_the_ar_nll_and_entropy_is_exact(ckpts):
+    import math
+
+    from model.likelihood import ar_nll
+    from pipeline.genppl import gen_ppl, load_judge, unigram_entropy
+
+    judge = load_judge(ckpts["ar"])
+    x = torch.randint(0, 16, (5, 12), generator=torch.Generator().manual_seed(0))
+    out = gen_ppl(judge, x, batch_size=2)
+    assert out["gen_ppl"] == pytest.approx(math.exp(float(ar_nll(judge.model, x).sum()) / (5 * 11)))
+    ent = unigram_entropy(torch.tensor([[1, 1, 2, 2], [3, 3, 3, 3]]))
+    assert ent["entropy"] == pytest.approx(math.log(2) / 2)
+    assert ent["entropy_pooled"] == pytest.approx(-(0.25 * math.log(0.25) * 2 + 0.5 * math.log(0.5)))
+    with pytest.raises(ValueError, match="outside the judge's vocabulary"):
+        gen_ppl(judge, torch.full((1, 4), 99))
+
+
+def test_a_hugging_face_judge_needs_transformers(tmp_path):
+    from pipeline.genppl import HFJudge, is_hf_directory, load_judge
+
+    (tmp_path / "config.json").write_text("{}")
+    assert is_hf_directory(tmp_path)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="`transformers` is not installed"):
+            load_judge(tmp_path)
+    else:
+        pytest.skip("transformers is installed: the HF judge needs a real model directory (not tested here)")
+    assert HFJudge.kind == "huggingface"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.sample", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_bad_arguments_fail_before_any_work(ckpts, tmp_path, monkeypatch, capsys):
+    import model.sampling
+    from pipeline import inference
+    from pipeline.sample import SAMPLERS, main
+
+    assert SAMPLERS == model.sampling.SAMPLERS
+    missing = str(tmp_path / "nowhere")
+    for args, message in ((["--steps", "0"], "--steps must be >= 1"),
+                          (["--sampler", "turbo"], "invalid choice: 'turbo'")):
+        proc = cli("--checkpoint", missing, *args)  # checked before the checkpoint is even looked at
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(inference, "load_checkpoint_model", no_loading)
+    cases = ((missing, ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+             (missing, ["--sampler", "semi-ar", "--block-size", "8", "--carry", "8"], "--carry must be smaller"),
+             (missing, ["--block-size", "8"], "only apply to --sampler semi-ar"),
+             (missing, [], "no complete checkpoint"),
+             # a prompt longer than the length is caught from the tokenizer, before the weights load
+             (ckpts["mdlm"], ["--length", "4", "--prompt", "t1 t2 t3 t4"],
+              "the prompt has 4 tokens (+1 BOS) but the sample length is 4"),
+             (ckpts["ar"], ["--length", "3", "--prompt", "t1 t2 t3"], "but the sample length is 3"),
+             (ckpts["ar"], ["--sampler", "confidence"], "--sampler confidence needs an MDLM checkpoint"),
+             (ckpts["ar"], ["--suffix", "t1"], "--suffix and [MASK] infilling need an MDLM"))
+    for ckpt, args, message in cases:
+        with pytest.raises(SystemExit) as info:
+            main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "x"), *args])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_runs_end_to_end_and_prints_the_frontier(ckpts, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from bench.sampling import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = main(["--mdlm", str(ckpts["mdlm"]), "--ar", str(ckpts["ar"]), "--steps", "1,4,64",
+                   "--num-samples", "3", "--length", "16", "--samplers", "cached,confidence",
+                   "--output-dir", str(tmp_path / "out"), "--mlflow-uri", uri])
+    out = capsys.readouterr().out
+    assert "Sampling frontier: 3 samples x 16 tokens" in out
+    assert "beats KV-cached AR decoding" in out or "slower than KV-cached AR decoding at every T" in out
+    rows = result["rows"]
+    mdlm = [r for r in rows if r["model"] == "mdlm"]
+    assert sorted({(r["sampler"], r["steps"]) for r in mdlm}) == sorted(
+        (s, t) for s in ("cached", "confidence") for t in (1, 4, 64))
+    assert {r["sampler"] for r in rows if r["model"] == "ar"} == {"ar-kv", "ar"}
+    assert any(r["model"] == "data" for r in rows)
+    for r in rows:
+        assert r["gen_ppl"] > 1.0 and r["entropy"] > 0
+    for r in mdlm:
+        assert r["rows_evaluated"] <= 3 * (min(r["steps"], 16) + 1)
+    assert set(result["frontier"]) == {"cached", "confidence"}
+    saved = json.loads((tmp_path / "out" / "sampling.json").read_text())
+    assert saved["table"] == result["table"] and (tmp_path / "out" / "sampling.png").stat().st_size > 1000
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert "mdlm_cached/gen_ppl" in run.data.metrics and run.data.params["length"] == "16"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"sampling.json", "sampling.png"}
+
+
+def test_bench_rejects_bad_flags(ckpts, capsys):
+    from bench.sampling import main
+
+    for args, message in ((["--steps", "0,4"], "every T must be an integer >= 1"),
+                          (["--samplers", "cached,warp"], "unknown sampler"),
+                          (["--num-samples", "0"], "--num-samples")):
+        with pytest.raises(SystemExit) as info:
+            main(["--mdlm", str(ckpts["mdlm"]), "--ar", str(ckpts["ar"]), *args])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is not an AR checkpoint"):
+        main(["--mdlm", str(ckpts["mdlm"]), "--ar", str(ckpts["mdlm"]), "--steps", "2"])
+    proc = subprocess.run([sys.executable, "bench/sampling.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "--mlflow-uri" in proc.stdout
