@@ -215,7 +215,7 @@ class MegatronTPLayers(LayerFactory):
         from megatron.core import ModelParallelConfig, parallel_state
 
         if sequence_parallel:
-            raise NotImplementedError("sequence parallelism is not implemented for the DiT yet")
+            raise ValueError("parallel.sequence_parallel is not supported for the DiT: set it to false")
         self.group = parallel_state.get_tensor_model_parallel_group()
         self.tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
         self.rank = parallel_state.get_tensor_model_parallel_rank()
