@@ -78,7 +78,11 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(runs):
     for key in ("eval/ppl_bound", "eval/nelbo", "eval/unigram_ppl", "train/lr", "train/grad_norm",
                 "perf/tokens_per_s"):
         assert key in metrics, key
-    assert 1.0 < metrics["eval/ppl_bound"] < 17.0
+    # the logged bound is the one in final_eval.json (40 steps on 4 val batches: noisy, so no
+    # learning claim here; test_loss_decreases... makes it)
+    summary = json.loads((runs["straight"] / "final_eval.json").read_text())
+    assert metrics["eval/ppl_bound"] == pytest.approx(summary["eval"]["ppl_bound"])
+    assert 1.0 < metrics["eval/ppl_bound"] < 64.0
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "manifest.json", "final_eval.json", "samples"} <= top
     samples = [a.path for a in client.list_artifacts(run_id, "samples")]
