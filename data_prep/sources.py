@@ -296,6 +296,14 @@ class BadRecords:
         return {"counts": dict(self.counts), "examples": list(self.examples)}
 
 
+def _text_value(value, where: str, text_field: str, max_chars: int, bad: BadRecords) -> str | None:
+    """A record's text field as a cleaned document, or None after counting why it was skipped."""
+    if not isinstance(value, str):
+        bad.add("wrong_type", where, f"'{text_field}' is a {type(value).__name__}, not a string")
+        return None
+    return _check_doc(value, where, max_chars, bad)
+
+
 def _check_doc(text: str, where: str, max_chars: int, bad: BadRecords) -> str | None:
     if len(text) > max_chars:
         bad.add("too_long", where, f"{len(text)} characters > max_doc_chars={max_chars}")
@@ -420,11 +428,7 @@ def _iter_jsonl(path: str, file_id: str, cfg: dict, bad: BadRecords,
                 if text_field not in rec or rec[text_field] is None:
                     bad.add("missing_field", where, f"no '{text_field}' field (keys: {', '.join(list(rec)[:8])})")
                     continue
-                value = rec[text_field]
-                if not isinstance(value, str):
-                    bad.add("wrong_type", where, f"'{text_field}' is a {type(value).__name__}, not a string")
-                    continue
-                text = _check_doc(value, where, max_chars, bad)
+                text = _text_value(rec[text_field], where, text_field, max_chars, bad)
                 if text is not None:
                     yield where, text
     except Exception as err:  # EOFError / BadGzipFile (gzip), ZstdError, OSError: damaged stream
@@ -473,10 +477,7 @@ def _iter_column(batches, col, file_id: str, row: int, cfg: dict, bad: BadRecord
                     except UnicodeDecodeError as err:
                         bad.add("invalid_utf8", where, f"byte {err.start}: {err.reason}")
                         continue
-                if not isinstance(value, str):
-                    bad.add("wrong_type", where, f"'{text_field}' is a {type(value).__name__}, not a string")
-                    continue
-                text = _check_doc(value, where, max_chars, bad)
+                text = _text_value(value, where, text_field, max_chars, bad)
                 if text is not None:
                     yield where, text
     except Exception as err:
