@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,13 +45,19 @@ class MlflowServer:
         raise AssertionError("mlflow server did not become healthy")
 
     def stop(self) -> None:
+        # SIGKILL to the whole group: after SIGTERM the server's worker kept answering on open
+        # keep-alive connections, so the "outage" sometimes began only after training ended.
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline:
             try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    time.sleep(0.2)
+            except OSError:
+                return
+        raise AssertionError(f"mlflow server on port {self.port} still accepts connections")
 
 
 @pytest.fixture
@@ -65,9 +72,10 @@ def server(tmp_path):
 def test_training_survives_a_server_outage_and_delivers_every_metric(markov_data, tmp_path, server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     run_dir = tmp_path / "run"
-    proc = start_training(run_dir, markov_data, "train.max_steps=40", "train.log_every=1",
+    # Enough steps after the outage begins that metrics are certainly logged into it.
+    proc = start_training(run_dir, markov_data, "train.max_steps=200", "train.log_every=1",
                           "train.checkpoint_every=0", "eval.max_batches=1")
-    wait_for_line(proc, "step 5/40")
+    wait_for_line(proc, "step 5/200")
     server.stop()
     lines = wait_for_line(proc, "MLflow log_metrics failed")
     time.sleep(3)
@@ -77,9 +85,9 @@ def test_training_survives_a_server_outage_and_delivers_every_metric(markov_data
     client = MlflowClient(server.uri)
     run = client.search_runs(client.get_experiment_by_name("mdlm-pretrain").experiment_id)[0]
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
-    assert steps == list(range(1, 41))  # nothing lost during the outage
+    assert steps == list(range(1, 201))  # nothing lost during the outage
     assert "eval/ppl_bound" in run.data.metrics
-    assert run.data.params["train.max_steps"] == "40"
+    assert run.data.params["train.max_steps"] == "200"
     assert run.info.status == "FINISHED"
     assert "samples" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
