@@ -46,8 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
     p.add_argument("--modes", default="plain,deepspeed",
-                   help="comma list of plain, plain-fp8, deepspeed, deepspeed-fp8")
+                   help="comma list of plain, plain-fp8, deepspeed (bf16 weights, fp32 master), "
+                        "deepspeed-mixed (fp32 weights under autocast), deepspeed-fp8")
     p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--ds-config", default="",
+                   help="DeepSpeed JSON merged under the generated config (default: configs/deepspeed/"
+                        "zero<stage>.json, as the training configs use; 'none' for DeepSpeed's defaults)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--fp8-backend", default="torchao", choices=("torchao", "te"))
     p.add_argument("--fp8-recipe", default="", help="default: tensorwise (torchao) / delayed (te)")
@@ -82,6 +86,9 @@ def run_config(args, cfg_model) -> RunConfig:
     cfg.data.micro_batch_size = args.micro_batch
     cfg.train.global_batch_size = args.micro_batch * args.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
     cfg.train.zero_stage = args.zero_stage
+    default = Path(__file__).resolve().parents[1] / f"configs/deepspeed/zero{args.zero_stage}.json"
+    if args.ds_config != "none":  # a path that does not exist fails in build_deepspeed_config
+        cfg.train.deepspeed_config = args.ds_config or (str(default) if default.is_file() else "")
     cfg.train.precision = args.precision
     cfg.optim.warmup_steps = 0
     return cfg
@@ -103,6 +110,8 @@ def build(args, mode: str, device):
         cfg = run_config(args, cfg_model)
         if mode.endswith("fp8"):
             cfg.train.precision = "bf16"
+        if mode.endswith("mixed"):
+            cfg.train.precision = "bf16-mixed" if args.precision == "bf16" else "fp32"
         engine, _ = make_engine(model, cfg, int(os.environ.get("WORLD_SIZE", "1")), device)
 
         def step(x0, t, u):

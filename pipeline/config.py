@@ -51,7 +51,10 @@ class TrainConfig:
     max_steps: int = 1000
     global_batch_size: int = 512   # sequences per optimizer step over all ranks
     seed: int = 42
-    precision: Literal["bf16", "fp32", "fp8"] = "bf16"   # fp8: bf16 everywhere + FP8 block matmuls
+    # bf16: bf16 weights, fp32 master copy in the optimizer (DeepSpeed bf16). bf16-mixed: fp32
+    # weights under torch.autocast (the MDLM reference's recipe; DeepSpeed torch_autocast).
+    # fp8: bf16 everywhere + FP8 block matmuls.
+    precision: Literal["bf16", "bf16-mixed", "fp32", "fp8"] = "bf16"
     zero_stage: int = 2
     deepspeed_config: str = ""     # optional JSON merged under the generated DeepSpeed config
     ema: float = 0.9999            # 0 disables EMA

@@ -4,8 +4,10 @@
         --seq-len 1024 --gpus 64 [--precision bf16] [--vocab 50258] [--activation-checkpointing]
 
 Model states (bytes per parameter held by this GPU, AdamW, as the trainer runs DeepSpeed):
-  bf16/fp8: weights 2, gradients 2, optimizer 12 (fp32 master copy + Adam m and v)
-  fp32:     weights 4, gradients 4, optimizer 8 (Adam m and v)
+  bf16/fp8:   weights 2, gradients 2, optimizer 12 (fp32 master copy + Adam m and v)
+  bf16-mixed: weights 4, gradients 4, optimizer 12 (ZeRO's fp32 partition copy + Adam m and v);
+              activations are bf16 as with bf16
+  fp32:       weights 4, gradients 4, optimizer 12 with ZeRO >= 1 (as bf16-mixed), 8 without
   EMA:      4 (fp32 copy of this rank's tensor-parallel shard, on every data-parallel rank)
 Tensor parallelism splits the block projections, the embedding and the output head over TP
 ranks (vocabulary padded to a multiple of TP); norms, adaLN and the timestep MLP are replicated.
@@ -95,12 +97,16 @@ def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, s
     split = parameter_split(cfg, tensor)
     p = split["local"]
     half = precision in ("bf16", "fp8")
-    w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 8)
+    # the optimizer holds an fp32 master copy whenever weights are bf16, and ZeRO keeps one of its
+    # fp32 partition even for fp32 weights
+    w_bytes, g_bytes = (2, 2) if half else (4, 4)
+    o_bytes = 12 if half or zero_stage >= 1 else 8
     weights = p * w_bytes / (data if zero_stage >= 3 else 1)
     grads = p * g_bytes / (data if zero_stage >= 2 else 1)
     optimizer = p * o_bytes / (data if zero_stage >= 1 else 1)
     ema_bytes = p * 4 if ema else 0
-    act = activation_bytes(cfg, tensor, micro_batch, seq_len, 2 if half else 4, activation_checkpointing)
+    act = activation_bytes(cfg, tensor, micro_batch, seq_len, 4 if precision == "fp32" else 2,
+                           activation_checkpointing)
     total = weights + grads + optimizer + ema_bytes + act
     return MemoryEstimate(cfg.preset, split["total"], p, tensor, data, zero_stage, micro_batch, seq_len,
                           precision, weights / GIB, grads / GIB, optimizer / GIB, ema_bytes / GIB, act / GIB,
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8", "fp32"))
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "bf16-mixed", "fp8", "fp32"))
     ap.add_argument("--dropout", type=float, default=None, help="default: the preset's (0.1)")
     ap.add_argument("--no-ema", action="store_true")
     ap.add_argument("--activation-checkpointing", action="store_true")

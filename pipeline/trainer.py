@@ -98,6 +98,8 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "bf16": {**ds.get("bf16", {}), "enabled": t.precision in ("bf16", "fp8")},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "torch_autocast": {**ds.get("torch_autocast", {}), "enabled": t.precision == "bf16-mixed",
+                           "dtype": "bfloat16"},
         "steps_per_print": 10**9,
     })
     return ds
@@ -116,6 +118,9 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=build_deepspeed_config(cfg, world_size), dist_init_required=False, mpu=mpu)
+    if cfg.train.precision == "bf16-mixed" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
+        raise ConfigError(f"train.precision=bf16-mixed needs DeepSpeed's torch_autocast (deepspeed "
+                          f"{deepspeed.__version__} lacks it): upgrade deepspeed or use train.precision=bf16")
     return engine, scheduler
 
 

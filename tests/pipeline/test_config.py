@@ -28,7 +28,7 @@ def test_yaml_plus_dotted_overrides(markov_data):
     ("train.max_step=5", "unknown config key 'train.max_step'; nearest valid keys: max_steps"),
     ("optimm.lr=1", "unknown config key 'optimm'; nearest valid keys: optim"),
     ("train.max_steps=many", "train.max_steps: expected an integer, got 'many'"),
-    ("train.precision=fp16", "train.precision: 'fp16' is not one of 'bf16', 'fp32'"),
+    ("train.precision=fp16", "train.precision: 'fp16' is not one of 'bf16', 'bf16-mixed', 'fp32'"),
     ("model.preset=mdlm-huge", "model.preset 'mdlm-huge' is unknown"),
     ("train.zero_stage=4", "train.zero_stage=4 must be 0, 1, 2 or 3"),
 ])

@@ -128,3 +128,15 @@ def test_cli():
     bad = subprocess.run([sys.executable, "-m", "pipeline.memory", "--tensor", "3", "--gpus", "64"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "must divide" in bad.stderr
+
+
+def test_precisions_count_master_copies():
+    cfg = model_config("mdlm-1b", vocab_size=50258)
+    p = parameter_split(cfg, 1)["local"]
+    bf16 = estimate(cfg, 1, 2, 8, 1024, 8, precision="bf16", ema=False)
+    mixed = estimate(cfg, 1, 2, 8, 1024, 8, precision="bf16-mixed", ema=False)
+    assert bf16.weights_gib == pytest.approx(2 * p / GIB) and mixed.weights_gib == pytest.approx(4 * p / GIB)
+    assert mixed.optimizer_gib == pytest.approx(12 * p / 8 / GIB)  # ZeRO's fp32 copy + Adam m, v, over 8
+    assert mixed.activations_gib == bf16.activations_gib
+    fp32_plain = estimate(cfg, 1, 0, 8, 1024, 1, precision="fp32", ema=False)
+    assert fp32_plain.optimizer_gib == pytest.approx(8 * p / GIB)  # no ZeRO: Adam m and v only
