@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export DS_BUILD_OPS ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-kit clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest tests -q $(TEST_ARGS)
+
+# What bench/gpu/run.sh needs on a bare, offline GPU image: wheels and seq_len-1024 shards.
+gpu-kit: $(STAMP)
+	bash bench/gpu/wheels.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m data_prep --input "$$($(PY) -m data_prep fetch-demo-corpus | tail -1)" \
+	    --out runs/gpu-data --tokenizer train:8192 --seq-len 1024 --val-fraction 0.02
 
 clean:
 	rm -rf runs .pytest_cache

