@@ -2,12 +2,14 @@
 
     python -m pipeline.convert_tp --checkpoint runs/x/checkpoints [--out runs/x/checkpoints-tp1]
 
-Reads every mp_rank_XX_model_states.pt of the checkpoint (raw weights and EMA), merges the shards
+Reads every mp_rank_XX_model_states.pt of the checkpoint (raw weights and EMA; under ZeRO-3 the
+zero_pp_rank_0_mp_rank_XX files, whose EMA the trainer assembles from the partitions), merges the shards
 with the layout the trainer recorded in the client state (`parallel.layout`: which tensors are
 split along which dimension, the qkv interleave, the vocabulary padding), and writes
 <out>/<tag>/mp_rank_00_model_states.pt + COMPLETE + <out>/latest, which pipeline.inference,
 evaluate and sample load like any TP=1 checkpoint. Optimizer states are not converted: the
-result is for inference and export, not for resuming training.
+result is for inference and export, not for resuming training. ZeRO-3 keeps the raw weights only
+as partitions in the optimizer states: its merged checkpoint holds the EMA weights alone.
 """
 from __future__ import annotations
 
@@ -23,17 +25,16 @@ import torch
 from model.tensor_parallel import merge_state_dicts, strip_extra_state
 
 from .checkpoint import COMPLETE
-from .inference import resolve_checkpoint
+from .inference import holds_weights, resolve_checkpoint
 
 KEEP = ("step", "tokens_seen", "skipped_steps", "run_config", "mlflow_run_id")
 
 
 def model_state_files(ckpt: Path) -> list[Path]:
-    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"),
-                   key=lambda p: int(re.search(r"mp_rank_(\d+)", p.name).group(1)))
+    files = list(ckpt.glob("mp_rank_*_model_states.pt")) or list(ckpt.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{ckpt} has no mp_rank_XX_model_states.pt files")
-    return files
+    return sorted(files, key=lambda p: int(re.search(r"mp_rank_(\d+)", p.name).group(1)))
 
 
 def convert(checkpoint: str | Path, out: str | Path) -> Path:
@@ -45,13 +46,19 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
     if len(states) != tp:
         raise ValueError(f"{ckpt}: the checkpoint says tensor parallel {tp} but has {len(states)} "
                          "mp_rank files")
-    if not states[0].get("module"):
-        raise ValueError(f"{ckpt}: the model states hold no weights (ZeRO-3 keeps them in partitions); "
-                         "converting ZeRO-3 tensor-parallel checkpoints is not supported yet")
+    has_ema = all(s.get("ema") for s in states)
+    raw = holds_weights(states[0].get("module"))
+    if not raw and not has_ema:
+        raise ValueError(f"{ckpt}: the model states hold no weights (ZeRO-3 keeps them in partitions) "
+                         "and no EMA: train with train.ema > 0 to convert ZeRO-3 tensor-parallel runs")
     merged = {k: states[0][k] for k in KEEP if k in states[0]}
-    merged["module"] = merge_state_dicts([s["module"] for s in states], layout) if tp > 1 \
-        else strip_extra_state(states[0]["module"])
-    if all(s.get("ema") for s in states):
+    if raw:
+        merged["module"] = merge_state_dicts([s["module"] for s in states], layout) if tp > 1 \
+            else strip_extra_state(states[0]["module"])
+    else:
+        merged["module"] = None
+        merged["ema_only"] = True
+    if has_ema:
         merged["ema"] = merge_state_dicts([s["ema"] for s in states], layout) if tp > 1 else states[0]["ema"]
     run_config = copy.deepcopy(merged.get("run_config") or {})
     run_config.setdefault("parallel", {})["tensor"] = 1

@@ -35,6 +35,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path / tags[-1]
 
 
+def holds_weights(module_state: dict | None) -> bool:
+    """False for ZeRO-3 model states: their tensors are empty placeholders (the weights live in
+    the optimizer partitions)."""
+    return bool(module_state) and any(t.numel() for t in module_state.values() if torch.is_tensor(t))
+
+
 def load_checkpoint_model(path: str | Path, use_ema: bool = True, device="cpu") -> LoadedModel:
     from model.config import ModelConfig
 
@@ -51,7 +57,10 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True, device="cpu") 
     model = build_model(from_dict(ModelConfig, config["model"], "model"))
     if use_ema and state.get("ema"):
         weights, source = state["ema"], "ema"
-    elif state.get("module"):
+    elif state.get("ema_only"):
+        raise ValueError(f"{ckpt} holds only the EMA weights (converted from a ZeRO-3 tensor-parallel "
+                         "run, whose raw weights live in optimizer partitions): load it with the EMA")
+    elif holds_weights(state.get("module")):
         weights, source = state["module"], "raw"
     else:  # ZeRO-3 keeps only partitions in the model states: consolidate them
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -125,22 +125,83 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
 
 
 class EMA:
-    """fp32 exponential moving average of the parameters (by name), kept on every rank."""
+    """fp32 exponential moving average of the parameters (by name), kept whole on every rank."""
 
     def __init__(self, named_params, decay: float):
         self.decay = decay
         self.shadow = {plain_name(n): p.detach().float().clone() for n, p in named_params}
 
     @torch.no_grad()
-    def update(self, named_params) -> None:
-        for n, p in named_params:
+    def update(self, module: torch.nn.Module) -> None:
+        for n, p in module.named_parameters():
             self.shadow[plain_name(n)].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def full_state(self) -> dict:
+        return self.shadow
 
     def state_dict(self) -> dict:
         return {n: t.cpu() for n, t in self.shadow.items()}
 
-    def load_state_dict(self, state: dict, device) -> None:
-        self.shadow = {n: t.to(device).float() for n, t in state.items()}
+    def load_state_dict(self, state: dict | None, device) -> None:
+        if state:
+            self.shadow = {n: t.to(device).float() for n, t in state.items()}
+
+
+class ShardedEMA:
+    """ZeRO-3: the fp32 EMA of this rank's partition of each parameter (`p.ds_tensor`), updated
+    without communication. Whole tensors are assembled (collectively, one parameter at a time)
+    only for evaluation and checkpoints, so the EMA costs 4 bytes per parameter / data-parallel
+    size instead of a full gathered copy per step. ZeRO-3 splits each flattened parameter into
+    equal, zero-padded partitions, rank r holding elements [r * n, (r + 1) * n)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, group):
+        self.decay, self.group = decay, group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.params = [(plain_name(n), p) for n, p in module.named_parameters()]
+        self.shards = {n: p.ds_tensor.detach().float().clone() for n, p in self.params}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module | None = None) -> None:
+        for n, p in self.params:
+            self.shards[n].lerp_(p.ds_tensor.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def full_state(self, everywhere: bool = True) -> dict | None:
+        """Collective over the data-parallel group: the whole EMA on CPU, on every rank or (for
+        checkpoints) on the group's rank 0 only (None elsewhere)."""
+        out = {}
+        dst = dist.get_global_rank(self.group, 0)
+        for n, p in self.params:
+            shard = self.shards[n]
+            parts = [torch.empty_like(shard) for _ in range(self.size)]
+            if everywhere:
+                dist.all_gather(parts, shard, group=self.group)
+            else:
+                dist.gather(shard, parts if self.rank == 0 else None, dst=dst, group=self.group)
+            if everywhere or self.rank == 0:
+                out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
+        return out if everywhere or self.rank == 0 else None
+
+    def state_dict(self) -> dict | None:
+        # each ZeRO-3 rank writes its own model-states file: only the group's rank 0 carries the EMA
+        return self.full_state(everywhere=False)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict | None, device) -> None:
+        """Collective: the group's rank 0 holds the whole EMA (its checkpoint file carries it);
+        each parameter is broadcast and every rank keeps its own partition."""
+        src = dist.get_global_rank(self.group, 0)
+        has = torch.tensor([1.0 if state else 0.0])
+        dist.broadcast(has, src=src, group=self.group)
+        if not has.item():
+            return
+        for n, p in self.params:
+            shard = self.shards[n]
+            whole = (state[n].to(shard.device).float().reshape(-1) if self.rank == 0
+                     else torch.empty(p.ds_numel, dtype=torch.float32, device=shard.device))
+            dist.broadcast(whole, src=src, group=self.group)
+            part = whole[self.rank * shard.numel():(self.rank + 1) * shard.numel()]
+            shard.zero_()[:part.numel()].copy_(part)
 
 
 class Trainer:
@@ -200,7 +261,7 @@ class Trainer:
         # dropout streams differ per data-parallel rank and agree within a tensor-parallel group
         # (the residual stream is replicated there)
         torch.manual_seed(t.seed + 7919 * (self.dp_rank + 1))
-        self.ema = EMA(self._named_full_params(), t.ema) if t.ema > 0 else None
+        self.ema = self._make_ema(t.ema) if t.ema > 0 else None
 
         self.stream = ShardStream(cfg.data.path, "train", self.dp_rank, self.dp_world, cfg.data.seed, cfg.data.shuffle,
                                   split_by=cfg.data.split_by)
@@ -233,6 +294,16 @@ class Trainer:
             use_te = True
         return MegatronTPLayers(use_te=use_te)
 
+    def _make_ema(self, decay: float):
+        if self.cfg.train.zero_stage == 3:
+            return ShardedEMA(self.engine.module, decay, self.engine.optimizer.dp_process_group)
+        return EMA(self.engine.module.named_parameters(), decay)
+
+    @property
+    def _eval_model_is_collective(self) -> bool:
+        """Building the evaluation model takes every rank (TP shards or ZeRO-3 partitions)."""
+        return self.tp > 1 or self.cfg.train.zero_stage == 3
+
     @contextlib.contextmanager
     def _gathered(self):
         if self.cfg.train.zero_stage == 3:
@@ -242,10 +313,6 @@ class Trainer:
                 yield
         else:
             yield
-
-    def _named_full_params(self):
-        with self._gathered():
-            return [(n, p.detach().float().clone()) for n, p in self.engine.module.named_parameters()]
 
     def _start_tracking(self) -> Tracker | None:
         tc = self.cfg.tracking
@@ -303,8 +370,8 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.mlflow_run_id = state.get("mlflow_run_id")
-        if self.ema and state.get("ema"):
-            self.ema.load_state_dict(state["ema"], self.device)
+        if self.ema:  # (collective under ZeRO-3)
+            self.ema.load_state_dict(state.get("ema"), self.device)
         per_rank = state.get("per_rank") or []
         if state.get("world_size") == self.world and len(per_rank) == self.world:
             mine = per_rank[self.rank]
@@ -395,8 +462,7 @@ class Trainer:
         else:
             self.bad_steps = 0
             if self.ema:
-                with self._gathered():
-                    self.ema.update(self.engine.module.named_parameters())
+                self.ema.update(self.engine.module)
         grad_norm = self.engine.get_global_grad_norm()
         return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -407,7 +473,7 @@ class Trainer:
         if self.tp > 1:  # collective: gather the full weights from the tensor-parallel shards
             return self._gather_tp_model(model).eval()
         if self.ema and self.cfg.eval.use_ema:
-            model.load_state_dict(self.ema.shadow)
+            model.load_state_dict(self.ema.full_state())
         else:
             with self._gathered():
                 model.load_state_dict({plain_name(n): p.detach().float()
@@ -420,7 +486,7 @@ class Trainer:
         from .parallel import tensor_group
 
         if self.ema and self.cfg.eval.use_ema:
-            local = {n: t.cpu() for n, t in self.ema.shadow.items()}
+            local = {n: t.cpu() for n, t in self.ema.full_state().items()}
         else:
             with self._gathered():
                 local = {plain_name(n): p.detach().float().cpu()
@@ -521,7 +587,7 @@ class Trainer:
         result = self.evaluate()
         self._log_eval(result)
         summary = {"step": self.step, "eval": result}
-        sample_model = self.eval_model() if self.tp > 1 else None  # gathering takes every rank
+        sample_model = self.eval_model() if self._eval_model_is_collective else None
         if self.rank == 0:
             e = self.cfg.eval
             unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split, max_eval_samples=(

@@ -27,10 +27,15 @@ LOGITS_TOL = 1e-5  # relative
 
 
 @pytest.fixture(scope="module")
-def one_process(markov_data, tmp_path_factory):
+def one_process_dir(markov_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tp_ref")
     run_single(run_dir, markov_data, *COMMON)  # 2 accumulation steps of 4
-    return metric_series(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_dir):
+    return metric_series(one_process_dir)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +124,26 @@ def test_unconverted_tp_checkpoint_points_to_the_converter(tp2_dp2):
 
     with pytest.raises(ValueError, match="python -m pipeline.convert_tp"):
         load_checkpoint_model(tp2_dp2 / "checkpoints")
+
+
+def test_tp2_zero3_trains_and_converts_its_partitioned_ema(markov_data, tmp_path, one_process_dir):
+    """TP=2 x ZeRO-3 over 2 data-parallel ranks: same losses as 1 process; convert_tp merges the
+    EMA the trainer assembled from the ZeRO-3 partitions (the raw weights stay in partitions)."""
+    from pipeline.inference import load_checkpoint_model
+
+    run_dir = tmp_path / "tp2_zero3"
+    launch_train(run_dir, markov_data, *COMMON, "parallel.tensor=2", "train.zero_stage=3", processes=4)
+    four, one = metric_series(run_dir), metric_series(one_process_dir)
+    assert max(abs(four[s] - one[s]) for s in one) < TOLERANCE
+    out = tmp_path / "tp1"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.convert_tp", "--checkpoint",
+                           str(run_dir / "checkpoints"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    merged = load_checkpoint_model(out, use_ema=True)
+    reference = load_checkpoint_model(one_process_dir / "checkpoints", use_ema=True)
+    a, b = merged.model.state_dict(), reference.model.state_dict()
+    assert merged.weights == "ema" and a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    with pytest.raises(ValueError, match="only the EMA weights"):
+        load_checkpoint_model(out, use_ema=False)

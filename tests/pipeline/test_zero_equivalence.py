@@ -1,14 +1,21 @@
-"""ZeRO-2 and ZeRO-3 over 2 gloo processes reproduce the 1-process loss curve for the same global
-batch. With data.split_by=sample the global batches and the masking noise are identical for any
-world size, so the only difference left is the order of floating-point reductions."""
+"""ZeRO-2 and ZeRO-3 over 2 gloo processes reproduce the 1-process loss curve, EMA and final
+evaluation for the same global batch. With data.split_by=sample the global batches and the masking
+noise are identical for any world size, so the only difference left is the order of floating-point
+reductions. Under ZeRO-3 the EMA is kept as per-rank partitions (pipeline/trainer.py ShardedEMA)."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
+import torch
+
+from pipeline.inference import load_checkpoint_model
 
 from .conftest import launch_train, metric_series, run_single
 
 COMMON = ("train.max_steps=15", "train.log_every=1", "train.checkpoint_every=0", "data.split_by=sample",
-          "tracking.enabled=false", "eval.max_batches=1", "sample.num_samples=1", "sample.steps=4",
+          "tracking.enabled=false", "eval.max_batches=0", "sample.num_samples=1", "sample.steps=4",
           "train.global_batch_size=8", "data.micro_batch_size=4")
 TOLERANCE = 2e-4  # nats, absolute, at every step (fp32; observed differences are ~1e-6)
 
@@ -17,15 +24,52 @@ TOLERANCE = 2e-4  # nats, absolute, at every step (fp32; observed differences ar
 def one_process(markov_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("zero_ref")
     run_single(run_dir, markov_data, *COMMON, "train.zero_stage=2")  # 2 accumulation steps of 4
-    return metric_series(run_dir)
+    return run_dir
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_processes_match_one(markov_data, tmp_path, one_process, stage):
     launch_train(tmp_path, markov_data, *COMMON, f"train.zero_stage={stage}")  # 2 ranks x 4
-    two = metric_series(tmp_path)
-    assert sorted(two) == sorted(one_process) == list(range(1, 16))
-    worst = max(abs(two[s] - one_process[s]) for s in two)
+    two, one = metric_series(tmp_path), metric_series(one_process)
+    assert sorted(two) == sorted(one) == list(range(1, 16))
+    worst = max(abs(two[s] - one[s]) for s in two)
     print(f"ZeRO-{stage}: largest per-step loss difference vs 1 process: {worst:.2e}")
-    assert worst < TOLERANCE, (two, one_process)
+    assert worst < TOLERANCE, (two, one)
     assert two[15] < two[1]
+    # the EMA in the checkpoint (ZeRO-3: assembled from the ranks' partitions) and the final
+    # evaluation over the whole validation split, which uses it
+    ema_two = load_checkpoint_model(tmp_path / "checkpoints", use_ema=True)
+    ema_one = load_checkpoint_model(one_process / "checkpoints", use_ema=True)
+    assert ema_two.weights == ema_one.weights == "ema"
+    raw = load_checkpoint_model(one_process / "checkpoints", use_ema=False).model.state_dict()
+    one_sd, two_sd = ema_one.model.state_dict(), ema_two.model.state_dict()
+    ema_diff = max((two_sd[k] - one_sd[k]).abs().max().item() for k in one_sd)
+    print(f"ZeRO-{stage}: largest EMA weight difference vs 1 process: {ema_diff:.2e}")
+    assert ema_diff < 1e-4
+    assert max((raw[k] - one_sd[k]).abs().max().item() for k in one_sd) > 1e-3  # the EMA is not the raw weights
+    nelbo = [json.loads((d / "final_eval.json").read_text())["eval"]["nelbo"] for d in (tmp_path, one_process)]
+    print(f"ZeRO-{stage}: final NELBO {nelbo[0]:.6f} vs {nelbo[1]:.6f} with 1 process")
+    assert abs(nelbo[0] - nelbo[1]) < 1e-3, nelbo
+
+
+def test_zero3_resume_restores_the_sharded_ema(markov_data, tmp_path):
+    """ZeRO-3 on 2 ranks: resuming from step 4 continues the partitioned EMA exactly."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = (*COMMON, "train.zero_stage=3", "train.max_steps=8", "train.checkpoint_every=4", "train.keep_last=5")
+    launch_train(straight, markov_data, *args)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step00000004", resumed / "checkpoints" / "step00000004")
+    (resumed / "checkpoints" / "latest").write_text("step00000004")
+    out = launch_train(resumed, markov_data, *args, resume="auto")
+    assert "resumed at step 4" in out.stdout + out.stderr
+    a = load_checkpoint_model(straight / "checkpoints", use_ema=True).model.state_dict()
+    b = load_checkpoint_model(resumed / "checkpoints", use_ema=True).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the raw weights, consolidated from the ZeRO-3 partitions, also match and differ from the EMA
+    raw = load_checkpoint_model(resumed / "checkpoints", use_ema=False)
+    raw_straight = load_checkpoint_model(straight / "checkpoints", use_ema=False).model.state_dict()
+    assert raw.weights == "raw" and all(torch.equal(raw.model.state_dict()[k], raw_straight[k]) for k in a)
+    assert max((raw_straight[k] - a[k]).abs().max().item() for k in a) > 1e-3
+    files = sorted((straight / "checkpoints" / "step00000008").glob("*model_states.pt"))
+    carriers = [torch.load(f, map_location="cpu", weights_only=False).get("ema") is not None for f in files]
+    assert carriers == [True, False]  # only the first rank's file carries the whole EMA
