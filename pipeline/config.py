@@ -113,6 +113,14 @@ class TrackingConfig:
     uri: str = ""                  # "" = $MLFLOW_TRACKING_URI or sqlite:///<run_dir>/mlflow.db
     experiment: str = "mdlm-pretrain"
     run_name: str = ""
+    # MLflow's system metrics from rank 0's node: CPU, memory, disk, network, and per-GPU
+    # utilisation, memory and power through NVML (nvidia-ml-py) on GPU nodes
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.system_metrics_interval_s <= 0:
+            raise ConfigError("tracking.system_metrics_interval_s must be > 0")
 
 
 @dataclass

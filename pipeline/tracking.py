@@ -22,7 +22,8 @@ def default_tracking_uri(run_dir: str | Path) -> str:
 class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
                  artifact_dir: str | Path | None = None, max_pending: int = 100_000,
-                 retry_wait_s: float = 2.0, max_wait_s: float = 60.0):
+                 retry_wait_s: float = 2.0, max_wait_s: float = 60.0, system_metrics: bool = False,
+                 system_metrics_interval_s: float = 10.0):
         # MLflow's own HTTP retries would block for minutes per call during an outage; this
         # class retries itself, off the training thread.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -32,8 +33,10 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = uri
         mlflow.set_tracking_uri(uri)
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
         if run_id:
-            self.run = mlflow.start_run(run_id=run_id)
+            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         else:
             # A new experiment on a local store keeps its artifacts next to the store, not in
             # ./mlruns of whatever directory the job happened to start in.
@@ -41,7 +44,7 @@ class Tracker:
                 location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
                 mlflow.create_experiment(experiment, artifact_location=location)
             mlflow.set_experiment(experiment)
-            self.run = mlflow.start_run(run_name=run_name or None)
+            self.run = mlflow.start_run(run_name=run_name or None, log_system_metrics=system_metrics)
         self.run_id = self.run.info.run_id
         self.client = mlflow.tracking.MlflowClient(uri)
         self.max_pending = max_pending

@@ -319,7 +319,8 @@ class Trainer:
         uri = tc.uri or default_tracking_uri(self.run_dir)
         try:
             artifacts = self.run_dir / "mlartifacts" if uri.startswith("sqlite:") else None
-            tracker = Tracker(uri, tc.experiment, tc.run_name, run_id=self.mlflow_run_id, artifact_dir=artifacts)
+            tracker = Tracker(uri, tc.experiment, tc.run_name, run_id=self.mlflow_run_id, artifact_dir=artifacts,
+                              system_metrics=tc.system_metrics, system_metrics_interval_s=tc.system_metrics_interval_s)
         except Exception as err:
             log.warning("MLflow tracking unavailable at %s (%s): continuing without it", uri, err)
             return None
