@@ -51,6 +51,17 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def shutdown_distributed() -> None:
+    """Every rank leaves together and tears its process group down explicitly: leaving it to
+    interpreter exit while another rank was still finishing has aborted a gloo rank ("terminate
+    called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = trainer.run()
     if trainer.rank == 0:
         print("TRAIN_SUMMARY " + json.dumps(summary))
+    trainer.close()
     return 0
 
 

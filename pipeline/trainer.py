@@ -294,6 +294,16 @@ class Trainer:
             use_te = True
         return MegatronTPLayers(use_te=use_te)
 
+    def close(self) -> None:
+        """Leave the process groups (megatron-core's, then torch's) together with every rank."""
+        from .distributed import shutdown_distributed
+
+        if self.tp > 1:
+            from .parallel import destroy
+
+            destroy()
+        shutdown_distributed()
+
     def _make_ema(self, decay: float):
         if self.cfg.train.zero_stage == 3:
             return ShardedEMA(self.engine.module, decay, self.engine.optimizer.dp_process_group)
