@@ -159,6 +159,9 @@ class ShardedEMA:
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.params = [(plain_name(n), p) for n, p in module.named_parameters()]
         self.shards = {n: p.ds_tensor.detach().float().clone() for n, p in self.params}
+        # partitions offloaded to CPU (offload_param) still travel through NCCL on the GPU
+        self.comm_device = (torch.device("cuda", torch.cuda.current_device())
+                            if dist.get_backend(group) == "nccl" else torch.device("cpu"))
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module | None = None) -> None:
@@ -172,7 +175,7 @@ class ShardedEMA:
         out = {}
         dst = dist.get_global_rank(self.group, 0)
         for n, p in self.params:
-            shard = self.shards[n]
+            shard = self.shards[n].to(self.comm_device)
             parts = [torch.empty_like(shard) for _ in range(self.size)]
             if everywhere:
                 dist.all_gather(parts, shard, group=self.group)
@@ -191,14 +194,14 @@ class ShardedEMA:
         """Collective: the group's rank 0 holds the whole EMA (its checkpoint file carries it);
         each parameter is broadcast and every rank keeps its own partition."""
         src = dist.get_global_rank(self.group, 0)
-        has = torch.tensor([1.0 if state else 0.0])
+        has = torch.tensor([1.0 if state else 0.0], device=self.comm_device)
         dist.broadcast(has, src=src, group=self.group)
         if not has.item():
             return
         for n, p in self.params:
             shard = self.shards[n]
-            whole = (state[n].to(shard.device).float().reshape(-1) if self.rank == 0
-                     else torch.empty(p.ds_numel, dtype=torch.float32, device=shard.device))
+            whole = (state[n].to(self.comm_device).float().reshape(-1) if self.rank == 0
+                     else torch.empty(p.ds_numel, dtype=torch.float32, device=self.comm_device))
             dist.broadcast(whole, src=src, group=self.group)
             part = whole[self.rank * shard.numel():(self.rank + 1) * shard.numel()]
             shard.zero_()[:part.numel()].copy_(part)
