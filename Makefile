@@ -31,7 +31,7 @@ test: $(STAMP)
 
 # What bench/gpu/run.sh needs on a bare, offline GPU image: wheels and seq_len-1024 shards.
 gpu-kit: $(STAMP)
-	bash bench/gpu/wheels.sh
+	PYTHON=$(abspath $(PY)) bash bench/gpu/wheels.sh
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m data_prep --input "$$($(PY) -m data_prep fetch-demo-corpus | tail -1)" \
 	    --out runs/gpu-data --tokenizer train:8192 --seq-len 1024 --val-fraction 0.02
 

@@ -113,8 +113,8 @@ class TrackingConfig:
     uri: str = ""                  # "" = $MLFLOW_TRACKING_URI or sqlite:///<run_dir>/mlflow.db
     experiment: str = "mdlm-pretrain"
     run_name: str = ""
-    # MLflow's system metrics from rank 0's node: CPU, memory, disk, network, and per-GPU
-    # utilisation, memory and power through NVML (nvidia-ml-py) on GPU nodes
+    # rank 0's node under MLflow's system/ names: CPU, memory, and per-GPU utilisation, memory
+    # and power through NVML (nvidia-ml-py) on GPU nodes
     system_metrics: bool = True
     system_metrics_interval_s: float = 10.0
 

@@ -5,9 +5,9 @@
 
 Model states (bytes per parameter held by this GPU, AdamW, as the trainer runs DeepSpeed):
   bf16/fp8:   weights 2, gradients 2, optimizer 12 (fp32 master copy + Adam m and v)
-  bf16-mixed: weights 4, gradients 4, optimizer 12 (ZeRO's fp32 partition copy + Adam m and v);
-              activations are bf16 as with bf16
-  fp32:       weights 4, gradients 4, optimizer 12 with ZeRO >= 1 (as bf16-mixed), 8 without
+  bf16-mixed: weights 4, gradients 4, optimizer 12 with ZeRO-1/2 (their fp32 partition copy +
+              Adam m and v), 8 with ZeRO-0/3; activations are bf16 as with bf16
+  fp32:       as bf16-mixed, activations fp32
   EMA:        4 (fp32 copy of this rank's tensor-parallel shard; ZeRO-3 partitions it over the
               data-parallel group too, ZeRO 0-2 keep it whole on every data-parallel rank)
 Tensor parallelism splits the block projections, the embedding and the output head over TP
@@ -98,10 +98,10 @@ def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, s
     split = parameter_split(cfg, tensor)
     p = split["local"]
     half = precision in ("bf16", "fp8")
-    # the optimizer holds an fp32 master copy whenever weights are bf16, and ZeRO keeps one of its
-    # fp32 partition even for fp32 weights
+    # the optimizer holds an fp32 master copy whenever weights are bf16; ZeRO-1/2 also copy fp32
+    # weights' partitions, ZeRO-3 updates fp32 partitions in place
     w_bytes, g_bytes = (2, 2) if half else (4, 4)
-    o_bytes = 12 if half or zero_stage >= 1 else 8
+    o_bytes = 12 if half or zero_stage in (1, 2) else 8
     weights = p * w_bytes / (data if zero_stage >= 3 else 1)
     grads = p * g_bytes / (data if zero_stage >= 2 else 1)
     optimizer = p * o_bytes / (data if zero_stage >= 1 else 1)

@@ -33,10 +33,8 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = uri
         mlflow.set_tracking_uri(uri)
-        if system_metrics:
-            mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
         if run_id:
-            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
         else:
             # A new experiment on a local store keeps its artifacts next to the store, not in
             # ./mlruns of whatever directory the job happened to start in.
@@ -44,7 +42,7 @@ class Tracker:
                 location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
                 mlflow.create_experiment(experiment, artifact_location=location)
             mlflow.set_experiment(experiment)
-            self.run = mlflow.start_run(run_name=run_name or None, log_system_metrics=system_metrics)
+            self.run = mlflow.start_run(run_name=run_name or None, log_system_metrics=False)
         self.run_id = self.run.info.run_id
         self.client = mlflow.tracking.MlflowClient(uri)
         self.max_pending = max_pending
@@ -56,6 +54,8 @@ class Tracker:
         self._closing = False
         self._worker = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
         self._worker.start()
+        self.last_step = 0
+        self.system = SystemMetrics(self, system_metrics_interval_s) if system_metrics else None
 
     # ---- background delivery -------------------------------------------------------------
     def _submit(self, what: str, fn, *args, **kwargs) -> None:
@@ -115,6 +115,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        self.last_step = max(self.last_step, step)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._submit("log_metrics", self.client.log_batch, self.run_id, metrics=items)
 
@@ -129,6 +130,8 @@ class Tracker:
 
     def end(self, status: str = "FINISHED", timeout_s: float = 120.0) -> bool:
         """Deliver what is queued (up to timeout_s), then close the run. False if calls were lost."""
+        if self.system is not None:
+            self.system.stop()
         self._submit("set_terminated", self.client.set_terminated, self.run_id, status)
         delivered = self.flush(timeout_s)
         with self._cond:
@@ -142,3 +145,51 @@ class Tracker:
         except Exception as err:
             log.warning("MLflow end_run failed (%s)", err)
         return delivered and self.dropped == 0
+
+
+class SystemMetrics:
+    """This node's CPU and memory, and each GPU's utilisation, memory and power (NVML), every
+    `interval_s`, under MLflow's `system/` names and at the latest training step. They go through
+    the tracker's queue: MLflow's own monitor thread stops for good at the first failed call."""
+
+    def __init__(self, tracker: Tracker, interval_s: float):
+        import psutil
+
+        self.psutil, self.tracker, self.interval_s = psutil, tracker, interval_s
+        self.gpus = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.gpus = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no NVIDIA driver (CPU box) or no nvidia-ml-py: CPU and memory only
+            self.nvml = None
+        psutil.cpu_percent()  # the first call only starts the measurement interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> dict:
+        memory = self.psutil.virtual_memory()
+        out = {"system/cpu_utilization_percentage": self.psutil.cpu_percent(),
+               "system/system_memory_usage_megabytes": memory.used / 2**20,
+               "system/system_memory_usage_percentage": memory.percent}
+        for i, handle in enumerate(self.gpus):
+            try:
+                gpu_memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+                out[f"system/gpu_{i}_utilization_percentage"] = self.nvml.nvmlDeviceGetUtilizationRates(handle).gpu
+                out[f"system/gpu_{i}_memory_usage_megabytes"] = gpu_memory.used / 2**20
+                out[f"system/gpu_{i}_memory_usage_percentage"] = 100.0 * gpu_memory.used / gpu_memory.total
+                out[f"system/gpu_{i}_power_usage_watts"] = self.nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+            except Exception as err:  # a GPU that stops answering must not stop the sampler
+                log.debug("NVML query for GPU %d failed: %s", i, err)
+        return out
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.tracker.log_metrics(self.sample(), self.tracker.last_step)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

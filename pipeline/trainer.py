@@ -98,8 +98,10 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "bf16": {**ds.get("bf16", {}), "enabled": t.precision in ("bf16", "fp8")},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        "torch_autocast": {**ds.get("torch_autocast", {}), "enabled": t.precision == "bf16-mixed",
-                           "dtype": "bfloat16"},
+        # bf16-mixed reduces (and ZeRO-3 gathers) in fp32 like DDP under autocast, unless the
+        # JSON names lower_precision_safe_modules; DeepSpeed's default would pick every nn.Linear
+        "torch_autocast": {"lower_precision_safe_modules": [], **ds.get("torch_autocast", {}),
+                           "enabled": t.precision == "bf16-mixed", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
     })
     return ds
@@ -152,12 +154,16 @@ class ShardedEMA:
     without communication. Whole tensors are assembled (collectively, one parameter at a time)
     only for evaluation and checkpoints, so the EMA costs 4 bytes per parameter / data-parallel
     size instead of a full gathered copy per step. ZeRO-3 splits each flattened parameter into
-    equal, zero-padded partitions, rank r holding elements [r * n, (r + 1) * n)."""
+    equal, padded partitions over `p.ds_process_group`, rank r holding elements [r * n, (r + 1) * n)."""
 
     def __init__(self, module: torch.nn.Module, decay: float, group):
         self.decay, self.group = decay, group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.params = [(plain_name(n), p) for n, p in module.named_parameters()]
+        for n, p in self.params:
+            if p.ds_process_group is not group and dist.get_world_size(p.ds_process_group) != self.size:
+                raise ConfigError(f"train.ema under ZeRO-3 expects every parameter partitioned over the "
+                                  f"data-parallel group ({n} is not: MiCS / hpZ are not supported)")
         self.shards = {n: p.ds_tensor.detach().float().clone() for n, p in self.params}
         # partitions offloaded to CPU (offload_param) still travel through NCCL on the GPU
         self.comm_device = (torch.device("cuda", torch.cuda.current_device())
@@ -194,9 +200,15 @@ class ShardedEMA:
         """Collective: the group's rank 0 holds the whole EMA (its checkpoint file carries it);
         each parameter is broadcast and every rank keeps its own partition."""
         src = dist.get_global_rank(self.group, 0)
-        has = torch.tensor([1.0 if state else 0.0], device=self.comm_device)
-        dist.broadcast(has, src=src, group=self.group)
-        if not has.item():
+        code = 0.0  # 0: no EMA in the checkpoint, 1: a matching one, 2: one that does not match
+        if self.rank == 0 and state:
+            code = 1.0 if all(n in state and state[n].numel() == p.ds_numel for n, p in self.params) else 2.0
+        flag = torch.tensor([code], device=self.comm_device)
+        dist.broadcast(flag, src=src, group=self.group)
+        if flag.item() == 2.0:
+            raise ValueError("the checkpoint's EMA does not match this model's parameters (names or "
+                             "sizes differ): resume with the model config the run was trained with")
+        if flag.item() == 0.0:
             return
         for n, p in self.params:
             shard = self.shards[n]
@@ -413,7 +425,7 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -430,8 +442,9 @@ class Trainer:
     def train_step(self) -> dict:
         times, uniforms = self._step_noise() if self.is_mdlm else (None, None)
         mb = self.cfg.data.micro_batch_size
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        tokens = torch.zeros((), dtype=torch.float64)
+        # summed on the device: NCCL reduces no CPU tensors, and .cpu() per micro-step would sync
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(self.grad_accum):
             x0, valid, keys = next(self._batches)
             if self._keys_file is not None:
@@ -452,12 +465,13 @@ class Trainer:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            loss_sum += out.loss_sum.detach().double().cpu()
-            tokens += out.num_tokens.detach().double().cpu()
+            loss_sum += out.loss_sum.detach().double()
+            tokens += out.num_tokens.detach().double()
         stats = torch.stack([loss_sum, tokens])
         if self.world > 1:
             dist.all_reduce(stats)
-        loss = (stats[0] / stats[1]).item()
+        loss_total, token_total = stats.tolist()
+        loss = loss_total / token_total
         self.tokens_seen += int(self.cfg.train.global_batch_size * self.seq_len)
         self.step += 1
         # ZeRO's optimizer already refuses a step whose gradients are not finite (and keeps the
@@ -602,25 +616,36 @@ class Trainer:
         self._log_eval(result)
         summary = {"step": self.step, "eval": result}
         sample_model = self.eval_model() if self._eval_model_is_collective else None
+        error = None  # rank 0's failure here must stop the others too, not leave them in close()
         if self.rank == 0:
-            e = self.cfg.eval
-            unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split, max_eval_samples=(
-                e.max_batches * (e.batch_size or self.cfg.data.micro_batch_size) * self.world))
-            texts = self.sample(sample_model)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            samples_path = self.run_dir / "samples.txt"
-            samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")
-            summary.update(unigram=unigram, conventions=conventions(self.manifest),
-                           samples=str(samples_path), checkpoints=str(self.checkpoints.root),
-                           mlflow_run_id=self.mlflow_run_id,
-                           tracking_uri=self.tracker.uri if self.tracker else None)
-            out = self.run_dir / "final_eval.json"
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, out)
-            if self.tracker:
-                self.tracker.log_metrics({"eval/unigram_ppl": unigram["unigram_ppl"]}, self.step)
-                self.tracker.log_artifact(samples_path, "samples")
-                self.tracker.log_artifact(out)
-                self.tracker.end()
+            try:
+                e = self.cfg.eval
+                unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split, max_eval_samples=(
+                    e.max_batches * (e.batch_size or self.cfg.data.micro_batch_size) * self.world))
+                texts = self.sample(sample_model)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                samples_path = self.run_dir / "samples.txt"
+                samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")
+                summary.update(unigram=unigram, conventions=conventions(self.manifest),
+                               samples=str(samples_path), checkpoints=str(self.checkpoints.root),
+                               mlflow_run_id=self.mlflow_run_id,
+                               tracking_uri=self.tracker.uri if self.tracker else None)
+                out = self.run_dir / "final_eval.json"
+                tmp = out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(summary, indent=2) + "\n")
+                os.replace(tmp, out)
+                if self.tracker:
+                    self.tracker.log_metrics({"eval/unigram_ppl": unigram["unigram_ppl"]}, self.step)
+                    self.tracker.log_artifact(samples_path, "samples")
+                    self.tracker.log_artifact(out)
+                    self.tracker.end()
+            except Exception as err:
+                error = err
+        failed = torch.tensor([1.0 if error else 0.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RuntimeError("rank 0 failed while finishing the run (see its log); stopping this rank too")
         return summary

@@ -19,18 +19,21 @@ LOSS_STEPS="${LOSS_STEPS:-300}"
 mkdir -p "$OUT"
 case "$SUITE" in throughput|fp8|all) ;; *) echo "unknown suite '$SUITE': use throughput, fp8 or all" >&2; exit 2 ;; esac
 
-if [[ -d .gpu-wheels ]] && ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+if [[ -d .gpu-wheels ]] && ! "$PY" -c "import deepspeed, torchao, webdataset, yaml" >/dev/null 2>&1; then
   SITE="${TMPDIR:-/tmp}/mdlm-gpu-site"
   "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .gpu-wheels/*.whl
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"  # ninja, for JIT ops
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed JIT-builds FusedAdam; its arch parser rejects suffixed archs such as 9.0a
-if [[ "${TORCH_CUDA_ARCH_LIST:-}" == *a* ]]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
+if [[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST="$(sed -E 's/([0-9])a/\1/g' <<< "$TORCH_CUDA_ARCH_LIST")"
+  export TORCH_CUDA_ARCH_LIST
+fi
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/mdlm-torch-ext}"
 export MASTER_ADDR=127.0.0.1 MASTER_PORT="${MASTER_PORT:-29511}" RANK=0 LOCAL_RANK=0 WORLD_SIZE=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PY" -c "import torch, deepspeed, torchao; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1
+"$PY" -c "import torch, deepspeed, torchao; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 || true
 
 COMMON=(--preset mdlm-1b --micro-batch 8 --seq-len 1024 --compile)
 if [[ "$SUITE" == throughput || "$SUITE" == all ]]; then

@@ -2,7 +2,7 @@
 # Build the wheelhouse the GPU benchmarks need on a bare, offline GPU image that already has
 # torch, triton and numpy (see bench/gpu/README.md). Run on a machine with access to PyPI:
 #     bash bench/gpu/wheels.sh [--python-version 3.12] [--out .gpu-wheels]
-# The result (~25 MB) travels to the GPU box with the working tree; bench/gpu/run.sh installs it.
+# The result (~10 MB) travels to the GPU box with the working tree; bench/gpu/run.sh installs it.
 set -euo pipefail
 PYVER=3.12
 OUT=.gpu-wheels
@@ -16,7 +16,8 @@ done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [[ -x "$PY" ]] || { echo "no python with torch at $PY: run 'make install' first or set PYTHON" >&2; exit 2; }
-DS_VERSION="$("$PY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null | tail -1)"
+DS_VERSION="$("$PY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null | tail -1)" || {
+  echo "$PY cannot import deepspeed: run 'make install' first or set PYTHON to one that can" >&2; exit 2; }
 TORCHAO_VERSION="${TORCHAO_VERSION:-0.17.0}"   # abi3 wheel that works with torch 2.11
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"

@@ -6,6 +6,9 @@ import json
 
 import torch
 
+from pipeline.config import RunConfig
+from pipeline.trainer import build_deepspeed_config
+
 from .conftest import run_single
 
 COMMON = ("train.max_steps=10", "train.log_every=1", "tracking.enabled=false", "eval.max_batches=1",
@@ -34,3 +37,17 @@ def test_bf16_mixed_keeps_fp32_weights_and_tracks_the_fp32_run(markov_data, tmp_
     fp32_grad, mixed_grad = _series(tmp_path / "fp32", "train/grad_norm"), _series(tmp_path / "mixed", "train/grad_norm")
     assert any(abs(mixed_grad[s] - fp32_grad[s]) > 1e-5 for s in fp32_grad)
     assert mixed_loss[10] < mixed_loss[1]
+
+
+def test_bf16_mixed_communicates_in_fp32_unless_the_json_says_otherwise(tmp_path):
+    cfg = RunConfig()
+    cfg.train.precision = "bf16-mixed"
+    ds = build_deepspeed_config(cfg, 1)
+    assert ds["bf16"]["enabled"] is False
+    assert ds["torch_autocast"] == {"lower_precision_safe_modules": [], "enabled": True, "dtype": "bfloat16"}
+    custom = tmp_path / "ds.json"
+    custom.write_text(json.dumps({"torch_autocast": {"lower_precision_safe_modules": ["torch.nn.Linear"]}}))
+    cfg.train.deepspeed_config = str(custom)
+    assert build_deepspeed_config(cfg, 1)["torch_autocast"]["lower_precision_safe_modules"] == ["torch.nn.Linear"]
+    cfg.train.precision = "bf16"
+    assert build_deepspeed_config(cfg, 1)["torch_autocast"]["enabled"] is False

@@ -114,3 +114,26 @@ def test_system_metrics_reach_the_run(markov_data, tmp_path):
     assert len(cpu) >= 2 and all(0.0 <= m.value <= 100.0 * (os.cpu_count() or 1) for m in cpu)
     assert "system/system_memory_usage_megabytes" in run.data.metrics
     assert run.data.params["tracking.system_metrics"] == "True"
+
+
+def test_system_sampler_reports_cpu_and_memory_through_the_tracker_queue():
+    from pipeline.tracking import SystemMetrics
+
+    class Recorder:  # stands in for the Tracker: only the queue entry point is used
+        last_step = 7
+
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, metrics, step):
+            self.calls.append((step, metrics))
+
+    recorder = Recorder()
+    sampler = SystemMetrics(recorder, 0.1)
+    time.sleep(0.5)
+    sampler.stop()
+    assert len(recorder.calls) >= 2 and all(step == 7 for step, _ in recorder.calls)
+    metrics = recorder.calls[-1][1]
+    assert 0.0 <= metrics["system/cpu_utilization_percentage"] <= 100.0
+    assert 0.0 < metrics["system/system_memory_usage_percentage"] < 100.0
+    assert metrics["system/system_memory_usage_megabytes"] > 0

@@ -139,5 +139,7 @@ def test_precisions_count_master_copies():
     assert bf16.weights_gib == pytest.approx(2 * p / GIB) and mixed.weights_gib == pytest.approx(4 * p / GIB)
     assert mixed.optimizer_gib == pytest.approx(12 * p / 8 / GIB)  # ZeRO's fp32 copy + Adam m, v, over 8
     assert mixed.activations_gib == bf16.activations_gib
+    mixed_z3 = estimate(cfg, 1, 3, 8, 1024, 8, precision="bf16-mixed", ema=False)
+    assert mixed_z3.optimizer_gib == pytest.approx(8 * p / 8 / GIB)  # ZeRO-3 updates fp32 partitions in place
     fp32_plain = estimate(cfg, 1, 0, 8, 1024, 1, precision="fp32", ema=False)
     assert fp32_plain.optimizer_gib == pytest.approx(8 * p / GIB)  # no ZeRO: Adam m and v only
