@@ -89,14 +89,18 @@ def _tp_logits_worker(rank, world, port, ckpt, tokens, results):
         dist.destroy_process_group()
 
 
+def convert_to_tp1(checkpoints, out):
+    """`python -m pipeline.convert_tp`, as a user runs it; returns the converted folder."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.convert_tp", "--checkpoint", str(checkpoints),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 def test_converted_checkpoint_gives_tp2_logits(tp2_dp2, tmp_path):
     from pipeline.inference import load_checkpoint_model
 
-    out = tmp_path / "tp1"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.convert_tp", "--checkpoint",
-                           str(tp2_dp2 / "checkpoints"), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    out = convert_to_tp1(tp2_dp2 / "checkpoints", tmp_path / "tp1")
     loaded = load_checkpoint_model(out, use_ema=False)
     assert loaded.step == STEPS and loaded.config["parallel"]["tensor"] == 1
     tokens = torch.randint(0, 17, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -135,11 +139,7 @@ def test_tp2_zero3_trains_and_converts_its_partitioned_ema(markov_data, tmp_path
     launch_train(run_dir, markov_data, *COMMON, "parallel.tensor=2", "train.zero_stage=3", processes=4)
     four, one = metric_series(run_dir), metric_series(one_process_dir)
     assert max(abs(four[s] - one[s]) for s in one) < TOLERANCE
-    out = tmp_path / "tp1"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.convert_tp", "--checkpoint",
-                           str(run_dir / "checkpoints"), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    out = convert_to_tp1(run_dir / "checkpoints", tmp_path / "tp1")
     merged = load_checkpoint_model(out, use_ema=True)
     reference = load_checkpoint_model(one_process_dir / "checkpoints", use_ema=True)
     a, b = merged.model.state_dict(), reference.model.state_dict()
