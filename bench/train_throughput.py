@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -46,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
     p.add_argument("--modes", default="plain,deepspeed",
-                   help="comma list of plain, plain-fp8, deepspeed (bf16 weights, fp32 master), "
+                   help="comma list of plain, plain-fp8, plain-full (the output head on every position, "
+                        "not only the masked ones), deepspeed (bf16 weights, fp32 master), "
                         "deepspeed-mixed (fp32 weights under autocast), deepspeed-fp8")
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--ds-config", default="",
@@ -102,7 +104,8 @@ def run_config(args, cfg_model) -> RunConfig:
 
 def build(args, mode: str, device):
     torch.manual_seed(0)
-    cfg_model = model_config(args.preset, vocab_size=args.vocab_size, dropout=0.0)
+    cfg_model = model_config(args.preset, vocab_size=args.vocab_size, dropout=0.0,
+                             masked_logits_only=not mode.endswith("-full"))
     model = build_model(cfg_model)
     fp8 = FP8Config(backend=args.fp8_backend,
                     recipe=args.fp8_recipe or ("tensorwise" if args.fp8_backend == "torchao" else "delayed"))
@@ -150,8 +153,7 @@ def build(args, mode: str, device):
 
 def measure(args, mode: str, device) -> dict:
     model, step = build(args, mode, device)
-    flops_tok = metrics.flops_per_token(metrics.matmul_params(model), model.cfg.n_layers,
-                                        model.cfg.d_model, args.seq_len)
+    flops_tok = metrics.model_flops_per_token(model.cfg, metrics.matmul_params(model), args.seq_len)
     data = batch_source(args, model.cfg.vocab_size, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -196,7 +198,18 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; preset {args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, "
           f"accumulation {args.grad_accum}, compile {args.compile}, zero {args.zero_stage}")
-    results = [measure(args, mode, device) for mode in modes]
+    results, failed = [], []
+    for mode in modes:  # one mode failing (e.g. out of memory) must not lose the others' figures
+        try:
+            results.append(measure(args, mode, device))
+        except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
+            print(f"mode {mode} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            failed.append({"mode": mode, "error": f"{type(err).__name__}: {err}"})
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if not results:
+        return 1
     base = next((r for r in results if r["mode"] == "plain"), results[0])
     print(f"{'mode':<16}{'tokens/s':>12}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>9}{'loss':>9}")
     for r in results:
@@ -216,8 +229,9 @@ def main(argv=None) -> int:
             print(f"{r['mode']} vs {base_mode}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tokens/s, "
                   f"loss {100 * (loss - ref_loss) / ref_loss:+.2f}%")
     if args.output:
-        Path(args.output).write_text(json.dumps({"device": name, "args": vars(args), "results": results}, indent=2))
-    return 0 if all(math.isfinite(r["last_loss"]) for r in results) else 1
+        Path(args.output).write_text(json.dumps({"device": name, "args": vars(args), "results": results,
+                                                 "failed": failed}, indent=2))
+    return 0 if not failed and all(math.isfinite(r["last_loss"]) for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -123,11 +123,12 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(self.adaLN.weight)
             nn.init.zeros_(self.adaLN.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, d), or (N, d) selected positions whose batch row is `rows` (N,)."""
         h = self.norm(x)
         if self.adaLN is not None:
             shift, scale = self.adaLN(cond).chunk(2, dim=-1)
-            h = modulate(h, shift, scale)
+            h = modulate(h, shift, scale) if rows is None else h * (1.0 + scale[rows]) + shift[rows]
         return self.linear(h)
 
 
@@ -154,13 +155,21 @@ class DiT(nn.Module):
             sigma = torch.zeros(batch, device=device)
         return F.silu(self.sigma_map(sigma))
 
-    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """With `positions` (bool (B, L)) the output head runs on the selected positions only and
+        the logits come back as (N, V) in row-major order (the order of tokens[positions])."""
+        # nonzero() waits for the GPU: do it while only the inputs are queued, not the whole trunk
+        index = positions.reshape(-1).nonzero().squeeze(1) if positions is not None else None
         x = self.embed(tokens)
         cond = self.condition(tokens.shape[0], sigma, tokens.device)
         rotary = self.rotary(tokens.shape[1], tokens.device)
         for block in self.blocks:
             x = block(x, cond, rotary)
-        return self.final(x, cond).float()
+        if index is None:
+            return self.final(x, cond).float()
+        x = x.reshape(-1, x.shape[-1]).index_select(0, index)
+        return self.final(x, cond, index // tokens.shape[1]).float()
 
 
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:

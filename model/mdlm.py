@@ -94,10 +94,18 @@ class MDLM(nn.Module):
         masked = noise < p_mask
         return torch.where(masked, torch.full_like(x0, self.mask_id), x0), masked
 
-    def logits(self, z_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits with zero-masking applied (the [MASK] logit is NEG_INF)."""
+    def logits(self, z_t: torch.Tensor, t: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits with zero-masking applied (the [MASK] logit is NEG_INF): (B, L, V), or (N, V)
+        at the positions selected by the boolean (B, L) `positions`, in row-major order. A DiT runs
+        its output head on those positions only; any other backbone runs in full and is indexed."""
         sigma = self.schedule.sigma(t) if t is not None and self.cfg.time_conditioning else None
-        logits = self.backbone(z_t, sigma).float()
+        if positions is None:
+            logits = self.backbone(z_t, sigma).float()
+        elif isinstance(self.backbone, DiT):
+            logits = self.backbone(z_t, sigma, positions=positions).float()
+        else:
+            logits = self.backbone(z_t, sigma).float()[positions]
         # in place: a second (B, L, V) fp32 copy is the largest activation of the model
         logits[..., self.mask_id] = NEG_INF
         return logits
@@ -110,6 +118,10 @@ class MDLM(nn.Module):
                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token -log p(x0 | z_t) at masked positions (0 elsewhere, by carry-over), and the mask."""
         z_t, masked = self.corrupt(x0, t, generator, noise)
+        if self.cfg.masked_logits_only:
+            targets = x0[masked]  # before the forward is queued: boolean indexing waits for the GPU
+            nll_at = F.cross_entropy(self.logits(z_t, t, positions=masked), targets, reduction="none")
+            return torch.zeros(x0.shape, dtype=nll_at.dtype, device=nll_at.device).masked_scatter(masked, nll_at), masked
         logits = self.logits(z_t, t)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0.reshape(-1),
                               reduction="none").view_as(x0)

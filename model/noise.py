@@ -40,6 +40,13 @@ class NoiseSchedule(ABC):
         """NELBO weight -alpha'_t / (1 - alpha_t) = d/dt log m(t)."""
         return -self.alpha_prime(t) / (1.0 - self.alpha(t))
 
+    def mean_mask_prob(self, t_min: float) -> float:
+        """E[m(t)] for t uniform on [t_min, 1] (the training times): the expected fraction of
+        tokens that are masked, by the midpoint rule on a fine grid."""
+        n = 4096
+        t = t_min + (1.0 - t_min) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return float(self.mask_prob(t).mean())
+
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Total noise -log(alpha_t): the timestep fed to a time-conditioned backbone."""
         return -torch.log(self.alpha(t))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .mdlm import MDLM, NEG_INF, AutoregressiveLM, eval_mode, model_device
+from .mdlm import MDLM, AutoregressiveLM, eval_mode, model_device
 
 SAMPLERS = ("ancestral", "cached", "semi-ar", "confidence")
 FINAL_STEPS = ("sample", "argmax")
@@ -166,25 +166,9 @@ def _prompt_canvas(prompt: torch.Tensor | None, num_samples: int, length: int, m
 
 def _logits_at(model: MDLM, x: torch.Tensor, t: float, positions: torch.Tensor) -> torch.Tensor:
     """fp32 logits (zero-masked) of the positions selected by the boolean (B, L) `positions`, in
-    row-major order: (K, V). For a DiT the trunk runs on the whole rows and the output head only
-    on the selected positions (with V >> d the head is most of a small model's cost); any other
-    backbone runs in full and is indexed."""
-    from .dit import DiT
-
-    backbone = model.backbone
-    tvec = torch.full((x.shape[0],), t, device=x.device)
-    if not isinstance(backbone, DiT):
-        return model.logits(x, tvec)[positions]
-    sigma = model.schedule.sigma(tvec) if model.cfg.time_conditioning else None
-    h = backbone.embed(x)
-    cond = backbone.condition(x.shape[0], sigma, x.device)
-    rotary = backbone.rotary(x.shape[1], x.device)
-    for block in backbone.blocks:
-        h = block(h, cond, rotary)
-    rows = positions.nonzero()[:, 0]
-    logits = backbone.final(h[positions][:, None], cond[rows] if cond is not None else None)[:, 0].float()
-    logits[:, model.mask_id] = NEG_INF
-    return logits
+    row-major order: (K, V); a DiT runs its output head on those positions only (with V >> d the
+    head is most of a small model's cost)."""
+    return model.logits(x, torch.full((x.shape[0],), t, device=x.device), positions=positions)
 
 
 class _Denoiser:

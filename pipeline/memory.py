@@ -27,7 +27,9 @@ test_tp_memory.py), per block in units of T*d elements:
 So per block 8 fp32 + 6 (8 with dropout) + 15/t elements at the activation width: the analogue of
 Korthikanti et al. 2022's s*b*h*(10 + 24/t) without its attention-score term. The output head
 adds the fp32 log-softmax of the gathered logits (4*T*V bytes: logits are gathered over TP, see
-model/tensor_parallel.py) and the final norm's input and outputs. With activation checkpointing
+model/tensor_parallel.py) and the final norm's input and outputs. MDLM computes logits at masked
+positions only, half of T on average, but the micro-batch that holds the highest times masks
+nearly all of its tokens, so the peak is counted with all T. With activation checkpointing
 each block keeps only its input (T*d) plus one block's activations during its recompute.
 Framework buffers, fragmentation and communication buffers are not counted (add ~10-20%).
 """

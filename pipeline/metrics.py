@@ -1,10 +1,14 @@
 """Training FLOPs, MFU and memory.
 
-FLOPs per trained token = 6 * N + 12 * n_layers * d_model * seq_len, where N counts every
-matmul weight (all block projections, adaLN and the output head, but not the input embedding,
-which is a lookup) and the second term is attention scores and values (QK^T and AV, 2 matmuls of
+FLOPs per trained token = 6 * (N - H) + 6 * H * f + 12 * n_layers * d_model * seq_len, where N
+counts every matmul weight (all block projections, adaLN and the output head, but not the input
+embedding, which is a lookup), H is the output head's weight count and f the fraction of tokens
+the head runs on, and the last term is attention scores and values (QK^T and AV, 2 matmuls of
 2*L*d FLOPs each per token forward, x3 for forward+backward). MDLM attention is bidirectional,
 so it is counted in full (no causal halving); we count AR the same way so the two compare.
+MDLM computes logits at masked positions only (model.masked_logits_only), so f is the expected
+mask rate E[m(t)] over the training times (0.5 for log-linear): FLOPs that are not computed are
+not counted. f = 1 for AR and for a head run everywhere.
 """
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ import sys
 
 import torch
 from torch import nn
+
+from model.config import ModelConfig
+from model.noise import make_schedule
 
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "A5000": 111.0}
 
@@ -26,8 +33,24 @@ def matmul_params(model: nn.Module) -> int:
     return total
 
 
-def flops_per_token(n_matmul_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
-    return 6.0 * n_matmul_params + 12.0 * n_layers * d_model * seq_len
+def flops_per_token(n_matmul_params: int, n_layers: int, d_model: int, seq_len: int,
+                    head_params: int = 0, head_fraction: float = 1.0) -> float:
+    return (6.0 * (n_matmul_params - head_params) + 6.0 * head_params * head_fraction
+            + 12.0 * n_layers * d_model * seq_len)
+
+
+def head_token_fraction(cfg: ModelConfig) -> float:
+    """Fraction of trained tokens that go through the output head (see the module docstring)."""
+    if cfg.objective != "mdlm" or not cfg.masked_logits_only:
+        return 1.0
+    return make_schedule(cfg.noise_schedule, cfg.noise_eps).mean_mask_prob(cfg.noise_eps)
+
+
+def model_flops_per_token(cfg: ModelConfig, n_matmul_params: int, seq_len: int) -> float:
+    """flops_per_token for a DiT of `cfg` whose matmul weights (full, not per TP rank) number
+    `n_matmul_params`; the head is d_model x vocab_size."""
+    return flops_per_token(n_matmul_params, cfg.n_layers, cfg.d_model, seq_len,
+                           cfg.d_model * cfg.vocab_size, head_token_fraction(cfg))
 
 
 def peak_flops(device: torch.device) -> float | None:

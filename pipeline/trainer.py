@@ -270,8 +270,7 @@ class Trainer:
             self.n_params, n_matmul = full_parameter_counts(model)
         else:
             self.tp_layout, self.n_params, n_matmul = {}, count_parameters(model), metrics.matmul_params(model)
-        self.flops_per_token = metrics.flops_per_token(n_matmul, cfg.model.n_layers, cfg.model.d_model,
-                                                       self.seq_len)
+        self.flops_per_token = metrics.model_flops_per_token(cfg.model, n_matmul, self.seq_len)
         self.engine, self.scheduler = make_engine(model, cfg, self.dp_world, self.device, mpu=self.mpu)
         # dropout streams differ per data-parallel rank and agree within a tensor-parallel group
         # (the residual stream is replicated there)

@@ -2,7 +2,8 @@
 # The GPU benchmarks of the training issues, one command on a bare GPU image (torch + numpy):
 #     bash bench/gpu/run.sh throughput|fp8|all [extra bench/train_throughput.py arguments]
 # throughput: mdlm-1b, the project's DeepSpeed step (bf16 and bf16-mixed) against a plain PyTorch
-#             step (compiled blocks, fused AdamW), same micro-batch and accumulation.
+#             step (compiled blocks, fused AdamW), same micro-batch and accumulation; and the plain
+#             step with the output head on every position (plain-full) against masked-only.
 # fp8:        bf16 against FP8 (torchao), plain and DeepSpeed, with the loss after $LOSS_STEPS steps
 #             on real text from $DATA (a data_prep output with seq_len 1024).
 # Wheels come from .gpu-wheels (bench/gpu/wheels.sh); figures go to $OUT (default runs/gpu-bench)
@@ -36,17 +37,22 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$PY" -c "import torch, deepspeed, torchao; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 || true
 
 COMMON=(--preset mdlm-1b --micro-batch 8 --seq-len 1024 --compile)
+STATUS=0
+bench() {  # a failing run (e.g. out of memory) must not cost the figures of the next ones
+  "$PY" bench/train_throughput.py "$@" || { STATUS=1; echo "FAILED: bench/train_throughput.py $*" >&2; }
+}
 if [[ "$SUITE" == throughput || "$SUITE" == all ]]; then
   echo "== throughput: DeepSpeed vs plain PyTorch (accumulation 4 as in training, and 1) =="
-  "$PY" bench/train_throughput.py "${COMMON[@]}" --grad-accum 4 --steps 10 --warmup 3 \
-    --modes plain,deepspeed,deepspeed-mixed --output "$OUT/throughput-accum4.json" "$@"
-  "$PY" bench/train_throughput.py "${COMMON[@]}" --grad-accum 1 --steps 20 --warmup 5 \
+  bench "${COMMON[@]}" --grad-accum 4 --steps 10 --warmup 3 \
+    --modes plain,deepspeed,deepspeed-mixed,plain-full --output "$OUT/throughput-accum4.json" "$@"
+  bench "${COMMON[@]}" --grad-accum 1 --steps 20 --warmup 5 \
     --modes plain,deepspeed --output "$OUT/throughput-accum1.json" "$@"
 fi
 if [[ "$SUITE" == fp8 || "$SUITE" == all ]]; then
   [[ -f "$DATA/manifest.json" ]] || { echo "no data_prep output at $DATA (set DATA=...; see bench/gpu/README.md)" >&2; exit 2; }
   echo "== fp8: bf16 vs FP8, speed and loss after $LOSS_STEPS steps on $DATA =="
-  "$PY" bench/train_throughput.py "${COMMON[@]}" --steps 20 --warmup 5 --data "$DATA" \
+  bench "${COMMON[@]}" --steps 20 --warmup 5 --data "$DATA" \
     --loss-steps "$LOSS_STEPS" --modes plain,plain-fp8,deepspeed,deepspeed-fp8 --output "$OUT/fp8.json" "$@"
 fi
 echo "figures: $OUT"
+exit "$STATUS"

@@ -171,3 +171,44 @@ def test_gradients_reach_every_parameter():
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_head_on_masked_positions_only_gives_the_full_heads_loss_and_gradients(time_conditioning):
+    model = tiny_model(time_conditioning=time_conditioning).double()
+    x = data(6, 16)
+    t = torch.tensor([0.02, 0.2, 0.4, 0.6, 0.8, 1.0], dtype=torch.float64)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+    valid = torch.ones_like(x)
+    valid[0, 10:] = 0
+    results = {}
+    for only in (True, False):
+        model.cfg.masked_logits_only = only
+        model.zero_grad()
+        out = model(x, t, valid=valid, noise=noise)
+        out.loss.backward()
+        results[only] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=0)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-5, atol=1e-9, msg=name)
+    assert results[True][1]["backbone.final.linear.weight"].abs().sum() > 0
+
+
+def test_logits_at_positions_are_the_selected_rows_of_the_full_logits():
+    model = tiny_model(time_conditioning=True).eval()
+    x = data(3, 10)
+    t = torch.tensor([0.3, 0.6, 0.9])
+    z, masked = model.corrupt(x, t, generator=torch.Generator().manual_seed(4))
+    at = model.logits(z, t, positions=masked)
+    assert at.shape == (int(masked.sum()), model.cfg.vocab_size) and at.dtype == torch.float32
+    torch.testing.assert_close(at, model.logits(z, t)[masked])
+    assert bool((at[:, MASK] == NEG_INF).all())
+
+
+def test_a_batch_with_nothing_masked_has_zero_loss_and_finite_gradients():
+    model = tiny_model()
+    x = data(2, 8)
+    out = model(x, torch.full((2,), 0.5), noise=torch.ones(x.shape))  # uniforms >= m(t): none masked
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)

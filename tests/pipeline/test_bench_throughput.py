@@ -35,6 +35,21 @@ def test_throughput_bench_prints_and_writes_every_mode(tmp_path):
     assert "tokens/s" in proc.stdout and "ratio" in proc.stdout
 
 
+def test_a_failing_mode_is_reported_without_losing_the_others(tmp_path):
+    out = tmp_path / "bench.json"
+    missing = tmp_path / "no-such-zero.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--preset", "mdlm-tiny", "--vocab-size", "257",
+         "--device", "cpu", "--micro-batch", "2", "--seq-len", "32", "--steps", "1", "--warmup", "1",
+         "--modes", "deepspeed,plain", "--ds-config", str(missing), "--output", str(out)],
+        cwd=ROOT, env=dict(os.environ, MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "mode deepspeed failed" in proc.stderr and str(missing) in proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["results"]] == ["plain"] and result["results"][0]["tokens_per_s"] > 0
+    assert [f["mode"] for f in result["failed"]] == ["deepspeed"] and str(missing) in result["failed"][0]["error"]
+
+
 def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     """bench/gpu/run.sh, the one command of the GPU figures, with a tiny preset on CPU."""
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), DATA=str(markov_data),
@@ -46,7 +61,10 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
     assert sorted(figures) == ["fp8.json", "throughput-accum1.json", "throughput-accum4.json"]
-    assert [r["mode"] for r in figures["throughput-accum4.json"]["results"]] == ["plain", "deepspeed", "deepspeed-mixed"]
+    accum4 = {r["mode"]: r for r in figures["throughput-accum4.json"]["results"]}
+    assert list(accum4) == ["plain", "deepspeed", "deepspeed-mixed", "plain-full"]
+    # the output head on masked positions only is exact: same loss as on every position
+    assert accum4["plain-full"]["vs_plain"]["loss_rel_diff"] == pytest.approx(0.0, abs=1e-5)
     assert figures["throughput-accum4.json"]["args"]["grad_accum"] == 4
     fp8 = {r["mode"]: r for r in figures["fp8.json"]["results"]}
     assert set(fp8) == {"plain", "plain-fp8", "deepspeed", "deepspeed-fp8"}

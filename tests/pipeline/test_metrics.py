@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from model.config import model_config
@@ -24,3 +27,21 @@ def test_flops_formula_for_the_small_preset():
 def test_peak_is_unknown_on_cpu():
     assert metrics.peak_flops(torch.device("cpu")) is None
     assert metrics.memory_gb(torch.device("cpu")) > 0
+
+
+def test_the_head_is_counted_on_the_tokens_it_runs_on():
+    cfg = model_config("mdlm-small")
+    with torch.device("meta"):
+        n = metrics.matmul_params(build_model(cfg))
+    head = 768 * 50258
+    # log-linear: m(t) = t, t uniform on [eps, 1]
+    assert metrics.head_token_fraction(cfg) == pytest.approx((1 + 1e-3) / 2, abs=1e-9)
+    assert metrics.model_flops_per_token(cfg, n, 1024) == pytest.approx(
+        6 * (n - head) + 6 * head * (1 + 1e-3) / 2 + 12 * 12 * 768 * 1024)
+    # cosine: E[1 - cos(pi t / 2)] = 1 - 2 / pi (the normalisation 1 / (1 - eps) aside)
+    assert metrics.head_token_fraction(model_config("mdlm-small", noise_schedule="cosine")) == pytest.approx(
+        1 - 2 / math.pi, abs=2e-3)
+    full = metrics.flops_per_token(n, 12, 768, 1024)
+    for other in (model_config("mdlm-small", masked_logits_only=False), model_config("mdlm-small", objective="ar")):
+        assert metrics.head_token_fraction(other) == 1.0
+        assert metrics.model_flops_per_token(other, n, 1024) == full
