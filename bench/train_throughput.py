@@ -187,6 +187,12 @@ def measure(args, mode: str, device) -> dict:
     return result
 
 
+def write_figures(path: str, device_name: str, args, results: list, failed: list) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"device": device_name, "args": vars(args), "results": results,
+                                          "failed": failed}, indent=2))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -199,15 +205,20 @@ def main(argv=None) -> int:
     print(f"device: {name}; preset {args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, "
           f"accumulation {args.grad_accum}, compile {args.compile}, zero {args.zero_stage}")
     results, failed = [], []
+    multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     for mode in modes:  # one mode failing (e.g. out of memory) must not lose the others' figures
         try:
             results.append(measure(args, mode, device))
-        except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
+        except Exception as err:
+            if multi_rank:  # the other ranks would wait in a collective: stop them all
+                raise
             print(f"mode {mode} failed: {type(err).__name__}: {err}", file=sys.stderr)
             failed.append({"mode": mode, "error": f"{type(err).__name__}: {err}"})
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        # outside the except block: the traceback no longer holds the failed mode's engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write_figures(args.output, name, args, results, failed)
     if not results:
         return 1
     base = next((r for r in results if r["mode"] == "plain"), results[0])
@@ -228,9 +239,7 @@ def main(argv=None) -> int:
                                     "loss_rel_diff": (loss - ref_loss) / ref_loss}
             print(f"{r['mode']} vs {base_mode}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tokens/s, "
                   f"loss {100 * (loss - ref_loss) / ref_loss:+.2f}%")
-    if args.output:
-        Path(args.output).write_text(json.dumps({"device": name, "args": vars(args), "results": results,
-                                                 "failed": failed}, indent=2))
+    write_figures(args.output, name, args, results, failed)
     return 0 if not failed and all(math.isfinite(r["last_loss"]) for r in results) else 1
 
 

@@ -156,11 +156,9 @@ class DiT(nn.Module):
         return F.silu(self.sigma_map(sigma))
 
     def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """With `positions` (bool (B, L)) the output head runs on the selected positions only and
-        the logits come back as (N, V) in row-major order (the order of tokens[positions])."""
-        # nonzero() waits for the GPU: do it while only the inputs are queued, not the whole trunk
-        index = positions.reshape(-1).nonzero().squeeze(1) if positions is not None else None
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        """With `index` (flat positions into the (B, L) tokens, a 1-D long tensor) the output head
+        runs on those positions only and the logits come back as (N, V) in that order."""
         x = self.embed(tokens)
         cond = self.condition(tokens.shape[0], sigma, tokens.device)
         rotary = self.rotary(tokens.shape[1], tokens.device)

@@ -95,17 +95,21 @@ class MDLM(nn.Module):
         return torch.where(masked, torch.full_like(x0, self.mask_id), x0), masked
 
     def logits(self, z_t: torch.Tensor, t: torch.Tensor | None = None,
-               positions: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits with zero-masking applied (the [MASK] logit is NEG_INF): (B, L, V), or (N, V)
-        at the positions selected by the boolean (B, L) `positions`, in row-major order. A DiT runs
-        its output head on those positions only; any other backbone runs in full and is indexed."""
+        at the positions selected by the boolean (B, L) `positions` (row-major order) or by the flat
+        `index`. A DiT runs its output head on those positions only; any other backbone runs in
+        full and is indexed."""
         sigma = self.schedule.sigma(t) if t is not None and self.cfg.time_conditioning else None
-        if positions is None:
+        if positions is not None:
+            index = positions.reshape(-1).nonzero().squeeze(1)
+        if index is None:
             logits = self.backbone(z_t, sigma).float()
         elif isinstance(self.backbone, DiT):
-            logits = self.backbone(z_t, sigma, positions=positions).float()
+            logits = self.backbone(z_t, sigma, index=index).float()
         else:
-            logits = self.backbone(z_t, sigma).float()[positions]
+            full = self.backbone(z_t, sigma).float()
+            logits = full.reshape(-1, full.shape[-1]).index_select(0, index)
         # in place: a second (B, L, V) fp32 copy is the largest activation of the model
         logits[..., self.mask_id] = NEG_INF
         return logits
@@ -119,9 +123,12 @@ class MDLM(nn.Module):
         """Per-token -log p(x0 | z_t) at masked positions (0 elsewhere, by carry-over), and the mask."""
         z_t, masked = self.corrupt(x0, t, generator, noise)
         if self.cfg.masked_logits_only:
-            targets = x0[masked]  # before the forward is queued: boolean indexing waits for the GPU
-            nll_at = F.cross_entropy(self.logits(z_t, t, positions=masked), targets, reduction="none")
-            return torch.zeros(x0.shape, dtype=nll_at.dtype, device=nll_at.device).masked_scatter(masked, nll_at), masked
+            # the one wait for the GPU per call, while only the inputs are queued (index_select and
+            # index_copy do not sync, forward or backward; boolean indexing would)
+            index = masked.reshape(-1).nonzero().squeeze(1)
+            nll_at = F.cross_entropy(self.logits(z_t, t, index=index), x0.reshape(-1).index_select(0, index),
+                                     reduction="none")
+            return nll_at.new_zeros(x0.numel()).index_copy(0, index, nll_at).view_as(x0), masked
         logits = self.logits(z_t, t)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0.reshape(-1),
                               reduction="none").view_as(x0)

@@ -8,8 +8,8 @@ Model states (bytes per parameter held by this GPU, AdamW, as the trainer runs D
   bf16-mixed: weights 4, gradients 4, optimizer 12 with ZeRO-1/2 (their fp32 partition copy +
               Adam m and v), 8 with ZeRO-0/3; activations are bf16 as with bf16
   fp32:       as bf16-mixed, activations fp32
-  EMA:        4 (fp32 copy of this rank's tensor-parallel shard; ZeRO-3 partitions it over the
-              data-parallel group too, ZeRO 0-2 keep it whole on every data-parallel rank)
+  EMA:        4 (fp32 copy of this rank's tensor-parallel shard; ZeRO 1-3 partition it over the
+              data-parallel group like the optimizer states, ZeRO-0 keeps it whole on every rank)
 Tensor parallelism splits the block projections, the embedding and the output head over TP
 ranks (vocabulary padded to a multiple of TP); norms, adaLN and the timestep MLP are replicated.
 ZeRO splits over the data-parallel group D = gpus / TP: stage 1 the optimizer states, stage 2
@@ -107,7 +107,7 @@ def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, s
     weights = p * w_bytes / (data if zero_stage >= 3 else 1)
     grads = p * g_bytes / (data if zero_stage >= 2 else 1)
     optimizer = p * o_bytes / (data if zero_stage >= 1 else 1)
-    ema_bytes = p * 4 / (data if zero_stage >= 3 else 1) if ema else 0
+    ema_bytes = p * 4 / (data if zero_stage >= 1 else 1) if ema else 0
     act = activation_bytes(cfg, tensor, micro_batch, seq_len, 4 if precision == "fp32" else 2,
                            activation_checkpointing)
     total = weights + grads + optimizer + ema_bytes + act

@@ -25,6 +25,11 @@ class FP8Config:
     recipe: Literal["tensorwise", "rowwise", "delayed", "current"] = "tensorwise"
     amax_history_len: int = 16             # TE delayed scaling
     amax_compute_algo: Literal["max", "most_recent"] = "max"
+    # TE delayed scaling: all-reduce the amaxes over every rank each step, so the scales agree
+    # across data-parallel replicas (and tensor-parallel shards); false keeps them per rank (a
+    # resume then restores DP rank 0's scaling state on every rank). The other recipes scale
+    # from the current tensor and have nothing to reduce.
+    reduce_amax: bool = True
     keep_first_last_block_bf16: bool = False
 
     def validate(self) -> None:
@@ -32,6 +37,9 @@ class FP8Config:
         if self.recipe not in valid[self.backend]:
             raise ConfigError(f"fp8.recipe '{self.recipe}' does not apply to fp8.backend '{self.backend}'; "
                               f"choose one of {', '.join(valid[self.backend])}")
+        if not self.reduce_amax and self.recipe != "delayed":
+            raise ConfigError(f"fp8.reduce_amax=false applies to the TE 'delayed' recipe only; recipe "
+                              f"'{self.recipe}' scales from the current tensor: drop the setting")
 
 
 def backend_available(backend: str) -> tuple[bool, str]:
@@ -107,15 +115,21 @@ def apply_fp8(model: nn.Module, fp8: FP8Config) -> list[str]:
     return sorted(names)
 
 
+def te_recipe_spec(fp8: FP8Config) -> tuple[str, dict]:
+    """The transformer_engine.common.recipe class name and its arguments for `fp8`."""
+    if fp8.recipe == "delayed":
+        return "DelayedScaling", {"amax_history_len": fp8.amax_history_len,
+                                  "amax_compute_algo": fp8.amax_compute_algo, "reduce_amax": fp8.reduce_amax}
+    return "Float8CurrentScaling", {}
+
+
 def te_autocast(fp8: FP8Config, group=None):
-    """The context every forward runs under with the TE backend (amax reduced over `group`)."""
+    """The context every forward runs under with the TE backend; amaxes are reduced over `group`
+    (None: all ranks, i.e. the data-parallel and tensor-parallel groups together)."""
     if fp8.backend != "te":
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
     from transformer_engine.common import recipe
 
-    if fp8.recipe == "delayed":
-        rec = recipe.DelayedScaling(amax_history_len=fp8.amax_history_len, amax_compute_algo=fp8.amax_compute_algo)
-    else:
-        rec = recipe.Float8CurrentScaling()
-    return te.fp8_autocast(enabled=True, fp8_recipe=rec, fp8_group=group)
+    name, kwargs = te_recipe_spec(fp8)
+    return te.fp8_autocast(enabled=True, fp8_recipe=getattr(recipe, name)(**kwargs), fp8_group=group)

@@ -25,6 +25,7 @@ from .checkpoint import CheckpointManager
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
 from .data import ShardStream, batches, load_manifest
+from .ema import make_ema
 from .precision import apply_fp8, check_fp8, te_autocast
 from .distributed import init_distributed
 from .tracking import Tracker, default_tracking_uri
@@ -126,99 +127,6 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
     return engine, scheduler
 
 
-class EMA:
-    """fp32 exponential moving average of the parameters (by name), kept whole on every rank."""
-
-    def __init__(self, named_params, decay: float):
-        self.decay = decay
-        self.shadow = {plain_name(n): p.detach().float().clone() for n, p in named_params}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for n, p in module.named_parameters():
-            self.shadow[plain_name(n)].lerp_(p.detach().float(), 1.0 - self.decay)
-
-    def full_state(self) -> dict:
-        return self.shadow
-
-    def state_dict(self) -> dict:
-        return {n: t.cpu() for n, t in self.shadow.items()}
-
-    def load_state_dict(self, state: dict | None, device) -> None:
-        if state:
-            self.shadow = {n: t.to(device).float() for n, t in state.items()}
-
-
-class ShardedEMA:
-    """ZeRO-3: the fp32 EMA of this rank's partition of each parameter (`p.ds_tensor`), updated
-    without communication. Whole tensors are assembled (collectively, one parameter at a time)
-    only for evaluation and checkpoints, so the EMA costs 4 bytes per parameter / data-parallel
-    size instead of a full gathered copy per step. ZeRO-3 splits each flattened parameter into
-    equal, padded partitions over `p.ds_process_group`, rank r holding elements [r * n, (r + 1) * n)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float, group):
-        self.decay, self.group = decay, group
-        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        self.params = [(plain_name(n), p) for n, p in module.named_parameters()]
-        for n, p in self.params:
-            if p.ds_process_group is not group and dist.get_world_size(p.ds_process_group) != self.size:
-                raise ConfigError(f"train.ema under ZeRO-3 expects every parameter partitioned over the "
-                                  f"data-parallel group ({n} is not: MiCS / hpZ are not supported)")
-        self.shards = {n: p.ds_tensor.detach().float().clone() for n, p in self.params}
-        # partitions offloaded to CPU (offload_param) still travel through NCCL on the GPU
-        self.comm_device = (torch.device("cuda", torch.cuda.current_device())
-                            if dist.get_backend(group) == "nccl" else torch.device("cpu"))
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module | None = None) -> None:
-        for n, p in self.params:
-            self.shards[n].lerp_(p.ds_tensor.detach().float(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def full_state(self, everywhere: bool = True) -> dict | None:
-        """Collective over the data-parallel group: the whole EMA on CPU, on every rank or (for
-        checkpoints) on the group's rank 0 only (None elsewhere)."""
-        out = {}
-        dst = dist.get_global_rank(self.group, 0)
-        for n, p in self.params:
-            shard = self.shards[n].to(self.comm_device)
-            parts = [torch.empty_like(shard) for _ in range(self.size)]
-            if everywhere:
-                dist.all_gather(parts, shard, group=self.group)
-            else:
-                dist.gather(shard, parts if self.rank == 0 else None, dst=dst, group=self.group)
-            if everywhere or self.rank == 0:
-                out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
-        return out if everywhere or self.rank == 0 else None
-
-    def state_dict(self) -> dict | None:
-        # each ZeRO-3 rank writes its own model-states file: only the group's rank 0 carries the EMA
-        return self.full_state(everywhere=False)
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict | None, device) -> None:
-        """Collective: the group's rank 0 holds the whole EMA (its checkpoint file carries it);
-        each parameter is broadcast and every rank keeps its own partition."""
-        src = dist.get_global_rank(self.group, 0)
-        code = 0.0  # 0: no EMA in the checkpoint, 1: a matching one, 2: one that does not match
-        if self.rank == 0 and state:
-            code = 1.0 if all(n in state and state[n].numel() == p.ds_numel for n, p in self.params) else 2.0
-        flag = torch.tensor([code], device=self.comm_device)
-        dist.broadcast(flag, src=src, group=self.group)
-        if flag.item() == 2.0:
-            raise ValueError("the checkpoint's EMA does not match this model's parameters (names or "
-                             "sizes differ): resume with the model config the run was trained with")
-        if flag.item() == 0.0:
-            return
-        for n, p in self.params:
-            shard = self.shards[n]
-            whole = (state[n].to(self.comm_device).float().reshape(-1) if self.rank == 0
-                     else torch.empty(p.ds_numel, dtype=torch.float32, device=self.comm_device))
-            dist.broadcast(whole, src=src, group=self.group)
-            part = whole[self.rank * shard.numel():(self.rank + 1) * shard.numel()]
-            shard.zero_()[:part.numel()].copy_(part)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None):
         self.cfg = cfg
@@ -275,7 +183,9 @@ class Trainer:
         # dropout streams differ per data-parallel rank and agree within a tensor-parallel group
         # (the residual stream is replicated there)
         torch.manual_seed(t.seed + 7919 * (self.dp_rank + 1))
-        self.ema = self._make_ema(t.ema) if t.ema > 0 else None
+        self.ema = make_ema(self.engine, t.zero_stage, t.ema) if t.ema > 0 else None
+        if self.ema is not None and self.rank == 0:
+            log.info("EMA (decay %g): %s", t.ema, self.ema.describe())
 
         self.stream = ShardStream(cfg.data.path, "train", self.dp_rank, self.dp_world, cfg.data.seed, cfg.data.shuffle,
                                   split_by=cfg.data.split_by)
@@ -318,15 +228,12 @@ class Trainer:
             destroy()
         shutdown_distributed()
 
-    def _make_ema(self, decay: float):
-        if self.cfg.train.zero_stage == 3:
-            return ShardedEMA(self.engine.module, decay, self.engine.optimizer.dp_process_group)
-        return EMA(self.engine.module.named_parameters(), decay)
-
     @property
     def _eval_model_is_collective(self) -> bool:
-        """Building the evaluation model takes every rank (TP shards or ZeRO-3 partitions)."""
-        return self.tp > 1 or self.cfg.train.zero_stage == 3
+        """Building the evaluation model takes every rank (TP shards, ZeRO-3 partitions or a
+        partitioned EMA)."""
+        ema_collective = self.ema is not None and self.ema.collective and self.cfg.eval.use_ema
+        return self.tp > 1 or self.cfg.train.zero_stage == 3 or ema_collective
 
     @contextlib.contextmanager
     def _gathered(self):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from pipeline.config import RunConfig
 from pipeline.trainer import build_deepspeed_config
 
-from .conftest import run_single
+from .conftest import launch_train, run_single
 
 COMMON = ("train.max_steps=10", "train.log_every=1", "tracking.enabled=false", "eval.max_batches=1",
           "sample.num_samples=1", "sample.steps=4")
@@ -26,17 +27,36 @@ def _module_dtypes(run_dir):
     return {t.dtype for t in state.values() if torch.is_tensor(t)}
 
 
-def test_bf16_mixed_keeps_fp32_weights_and_tracks_the_fp32_run(markov_data, tmp_path):
-    run_single(tmp_path / "fp32", markov_data, *COMMON, "train.precision=fp32")
+@pytest.fixture(scope="module")
+def fp32_run(markov_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fp32")
+    run_single(run_dir, markov_data, *COMMON, "train.precision=fp32")
+    return run_dir
+
+
+def test_bf16_mixed_keeps_fp32_weights_and_tracks_the_fp32_run(markov_data, tmp_path, fp32_run):
     run_single(tmp_path / "mixed", markov_data, *COMMON, "train.precision=bf16-mixed")
     assert _module_dtypes(tmp_path / "mixed") == {torch.float32}
-    fp32_loss, mixed_loss = _series(tmp_path / "fp32", "train/loss"), _series(tmp_path / "mixed", "train/loss")
+    fp32_loss, mixed_loss = _series(fp32_run, "train/loss"), _series(tmp_path / "mixed", "train/loss")
     assert sorted(mixed_loss) == list(range(1, 11))
     assert max(abs(mixed_loss[s] - fp32_loss[s]) for s in fp32_loss) < 0.05
     # autocast really ran: bf16 matmuls change the gradients slightly
-    fp32_grad, mixed_grad = _series(tmp_path / "fp32", "train/grad_norm"), _series(tmp_path / "mixed", "train/grad_norm")
+    fp32_grad, mixed_grad = _series(fp32_run, "train/grad_norm"), _series(tmp_path / "mixed", "train/grad_norm")
     assert any(abs(mixed_grad[s] - fp32_grad[s]) > 1e-5 for s in fp32_grad)
     assert mixed_loss[10] < mixed_loss[1]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_tensor_parallel_layers_train_in_lower_precision(markov_data, tmp_path, fp32_run, precision):
+    """megatron-core's layers inside DeepSpeed's bf16 engine (bf16 weights) or under its autocast
+    (fp32 weights): TP=2 tracks the fp32 single-process run."""
+    launch_train(tmp_path, markov_data, *COMMON, f"train.precision={precision}", "parallel.tensor=2")
+    dtypes = _module_dtypes(tmp_path)
+    assert dtypes == ({torch.bfloat16} if precision == "bf16" else {torch.float32})
+    fp32_loss, loss = _series(fp32_run, "train/loss"), _series(tmp_path, "train/loss")
+    assert sorted(loss) == list(range(1, 11))
+    assert max(abs(loss[s] - fp32_loss[s]) for s in fp32_loss) < 0.05
+    assert loss[10] < loss[1]
 
 
 def test_bf16_mixed_communicates_in_fp32_unless_the_json_says_otherwise(tmp_path):

@@ -8,7 +8,7 @@ from model.config import model_config
 from model.mdlm import build_model
 from pipeline.configtools import ConfigError
 from pipeline.precision import (FP8Config, apply_fp8, backend_available, check_fp8, check_fp8_shapes,
-                                fp8_linear_names)
+                                fp8_linear_names, te_recipe_spec)
 
 from .conftest import run_single
 
@@ -43,6 +43,25 @@ def test_recipe_must_match_backend():
 
     with pytest.raises(ConfigError, match="fp8.recipe 'delayed' does not apply to fp8.backend 'torchao'"):
         from_dict(FP8Config, {"backend": "torchao", "recipe": "delayed"}, "fp8")
+
+
+def test_te_recipes_carry_the_configured_scaling():
+    from pipeline.configtools import from_dict
+
+    delayed = from_dict(FP8Config, {"backend": "te", "recipe": "delayed", "amax_history_len": 32,
+                                    "amax_compute_algo": "most_recent", "reduce_amax": False}, "fp8")
+    assert te_recipe_spec(delayed) == ("DelayedScaling", {"amax_history_len": 32, "amax_compute_algo": "most_recent",
+                                                          "reduce_amax": False})
+    assert te_recipe_spec(FP8Config(backend="te", recipe="delayed"))[1]["reduce_amax"] is True
+    assert te_recipe_spec(FP8Config(backend="te", recipe="current")) == ("Float8CurrentScaling", {})
+    with pytest.raises(ConfigError, match="reduce_amax=false applies to the TE 'delayed' recipe only"):
+        from_dict(FP8Config, {"backend": "torchao", "recipe": "tensorwise", "reduce_amax": False}, "fp8")
+    ok, _ = backend_available("te")
+    if ok:  # where TE is installed, the names and arguments are its own
+        from transformer_engine.common import recipe
+
+        name, kwargs = te_recipe_spec(delayed)
+        assert getattr(recipe, name)(**kwargs).reduce_amax is False
 
 
 def test_transformer_engine_absence_is_reported_not_crashed():

@@ -62,8 +62,9 @@ def test_estimate_follows_the_formulas():
     assert est.weights_gib == pytest.approx(2 * p / 16 / GIB)
     assert est.grads_gib == pytest.approx(2 * p / 16 / GIB)
     assert est.optimizer_gib == pytest.approx(12 * p / 16 / GIB)
-    assert est.ema_gib == pytest.approx(4 * p / 16 / GIB)  # ZeRO-3 partitions the EMA too
-    assert estimate(cfg, 4, 2, 4, 1024, 64).ema_gib == pytest.approx(4 * p / GIB)
+    assert est.ema_gib == pytest.approx(4 * p / 16 / GIB)  # ZeRO 1-3 partition the EMA too
+    assert estimate(cfg, 4, 2, 4, 1024, 64).ema_gib == pytest.approx(4 * p / 16 / GIB)
+    assert estimate(cfg, 4, 0, 4, 1024, 64).ema_gib == pytest.approx(4 * p / GIB)
     t, d, v = 4 * 1024, 4096, 50258
     per_layer = 8 * t * d + 6 * 2 * t * d + 2 * 2 * t * d + 15 * 2 * t * d / 4
     assert est.activations_gib == pytest.approx((40 * per_layer + 4 * t * v + 4 * t * d + 4 * t * d) / GIB)

@@ -1,0 +1,128 @@
+"""PartitionedEMA's bookkeeping over 2 real gloo processes, with a stand-in for DeepSpeed's ZeRO-1/2
+optimizer layout (flat buffers with alignment padding, parameters as views into them, an fp32
+master partition per rank) and a gather slice small enough that parameters straddle slices and
+partitions. End-to-end runs with real DeepSpeed engines are in test_zero_equivalence.py."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pipeline import ema as ema_module
+from pipeline.ema import PartitionedEMA
+
+from .conftest import free_port
+
+SHAPES = {"a": (3, 5), "b": (7,), "c": (2, 2, 3)}   # group 0: a, b; group 1: c
+PAD = 2                                              # alignment padding after every parameter but the last
+
+
+def layout_of(names):
+    offsets, at = {}, 0
+    for i, n in enumerate(names):
+        offsets[n] = at
+        at += torch.Size(SHAPES[n]).numel() + (PAD if i < len(names) - 1 else 0)
+    return offsets, at
+
+
+def build(rank: int, size: int):
+    module = nn.Module()
+    groups = []
+    for g, names in enumerate((("a", "b"), ("c",))):
+        offsets, used = layout_of(names)
+        total = -(-used // size) * size + size          # divisible by the group size, with tail padding
+        flat = torch.zeros(total)
+        params = []
+        for n in names:
+            numel = torch.Size(SHAPES[n]).numel()
+            p = nn.Parameter(torch.empty(SHAPES[n]))
+            p.data = flat.narrow(0, offsets[n], numel).view(SHAPES[n])
+            p.data.copy_(torch.arange(numel, dtype=torch.float32).view(SHAPES[n]) + 100 * (ord(n) - 96))
+            setattr(module, n, p)
+            params.append(p)
+        groups.append((flat, params))
+    part = [flat.numel() // size for flat, _ in groups]
+    opt = SimpleNamespace(
+        bit16_groups_flat=[flat for flat, _ in groups], bit16_groups=[params for _, params in groups],
+        real_dp_process_group=[dist.group.WORLD] * 2,
+        single_partition_of_fp32_groups=[flat[rank * n:(rank + 1) * n].clone() for (flat, _), n in zip(groups, part)])
+    return module, opt
+
+
+def worker(rank: int, size: int, port: int, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        ema_module.GATHER_ELEMENTS = 6   # slices of 3 elements per rank
+        module, opt = build(rank, size)
+        ema = PartitionedEMA(module, opt, decay=0.5)
+        start = {n: p.detach().clone() for n, p in module.named_parameters()}
+        for master in opt.single_partition_of_fp32_groups:  # one optimizer step: every weight + 8
+            master.add_(8.0)
+        ema.update()
+        everywhere = ema.full_state()
+        at_zero = ema.state_dict()
+        fresh = PartitionedEMA(module, opt, decay=0.5)
+        fresh.load_state_dict(at_zero if rank == 0 else everywhere, None)
+        again = fresh.full_state()
+        # a checkpoint without an EMA (the run had none) starts it from the current master weights
+        fresh.load_state_dict(None, None)
+        restarted = all(torch.equal(s, m) for s, m in zip(fresh.shards, opt.single_partition_of_fp32_groups))
+        # an EMA that only some ranks can read is refused on every rank, not half-loaded
+        try:
+            fresh.load_state_dict(everywhere if rank == 0 else None, None)
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
+        queue.put((rank, everywhere, at_zero is None, start,
+                   all(torch.equal(again[k], everywhere[k]) for k in everywhere) and restarted, refused,
+                   sum(s.numel() for s in ema.shards)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_partitioned_ema_assembles_checkpoints_and_reloads_exactly():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, whole, none_here, start, reloaded, refused, held in results:
+        assert sorted(whole) == ["a", "b", "c"]
+        for name, value in whole.items():   # EMA after one step at decay 0.5: start + 4
+            assert value.shape == SHAPES[name]
+            torch.testing.assert_close(value, start[name] + 4.0, rtol=0, atol=0)
+        assert none_here == (rank == 1)     # the checkpoint copy is assembled on rank 0 only
+        assert reloaded                     # each rank cut its own partition back out of the whole EMA
+        assert "only some data-parallel ranks found the EMA" in refused
+        assert held < sum(torch.Size(s).numel() for s in SHAPES.values())  # a partition, not the whole
+
+
+def test_a_checkpoint_ema_that_does_not_match_is_refused():
+    if dist.is_initialized():
+        pytest.skip("needs a process without a default group")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        module, opt = build(0, 1)
+        ema = PartitionedEMA(module, opt, decay=0.9)
+        state = ema.state_dict()
+        state["b"] = torch.zeros(8)
+        with pytest.raises(ValueError, match="does not match this model's parameters"):
+            ema.load_state_dict(state, None)
+        opt.bit16_groups[1] = []            # a parameter that no partition holds
+        with pytest.raises(ValueError, match="in no optimizer partition"):
+            PartitionedEMA(module, opt, decay=0.9)
+    finally:
+        dist.destroy_process_group()
+
