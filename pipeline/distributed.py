@@ -48,7 +48,28 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
+        if backend == "gloo":
+            _unlink_shm_allreduce_buffer(dist)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shm_allreduce_buffer(rank: int) -> str:
+    """The /dev/shm segment DeepSpeed's CPU backend creates for this rank when every rank is on
+    one machine (~69 MB; its name is fixed in deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shm_allreduce_buffer(dist) -> None:
+    """DeepSpeed never unlinks its shm segments, so every CPU run left ~69 MB per rank in
+    /dev/shm (RAM) until the machine filled up. Once every rank has mapped every segment (the
+    barrier), the names can go: the memory stays mapped while the ranks live and is freed when
+    they exit, however they exit."""
+    dist.barrier()
+    try:
+        os.unlink(shm_allreduce_buffer(dist.get_rank()))
+    except FileNotFoundError:  # ranks on several machines: DeepSpeed made no segment
+        pass
 
 
 def shutdown_distributed() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,10 @@ from .conftest import launch_train, metric_series, run_single
 COMMON = ("train.max_steps=15", "train.log_every=1", "train.checkpoint_every=0", "data.split_by=sample",
           "tracking.enabled=false", "eval.max_batches=0", "sample.num_samples=1", "sample.steps=4",
           "train.global_batch_size=8", "data.micro_batch_size=4")
+def deepspeed_shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 TOLERANCE = 2e-4  # nats, absolute, at every step (fp32; observed differences are ~1e-6)
 
 
@@ -30,7 +35,10 @@ def one_process(markov_data, tmp_path_factory):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_processes_match_one(markov_data, tmp_path, one_process, stage):
+    shm_before = deepspeed_shm_segments()
     out = launch_train(tmp_path, markov_data, *COMMON, f"train.zero_stage={stage}")  # 2 ranks x 4
+    # DeepSpeed's CPU all-reduce segments (~69 MB of RAM per rank) do not outlive the run
+    assert deepspeed_shm_segments() - shm_before == set()
     kind = "the ZeRO optimizer states" if stage == 2 else "the ZeRO-3 weights"
     assert f"partitioned like {kind} over 2 data-parallel ranks" in out.stdout + out.stderr
     two, one = metric_series(tmp_path), metric_series(one_process)
