@@ -216,6 +216,10 @@ class Trainer:
                 raise ConfigError("train.precision=fp8 with parallel.tensor > 1 needs fp8.backend=te and "
                                   "Transformer Engine importable (megatron-core's TE tensor-parallel layers)")
             use_te = True
+        if cfg.train.precision == "bf16-mixed" and self.device.type != "cuda":
+            raise ConfigError("train.precision=bf16-mixed with parallel.tensor > 1 needs a GPU: megatron-core's "
+                              "tensor-parallel layers replay autocast in their backward for CUDA only; on a CPU "
+                              "use train.precision=bf16 or fp32")
         return MegatronTPLayers(use_te=use_te)
 
     def close(self) -> None:

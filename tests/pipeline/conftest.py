@@ -22,7 +22,7 @@ def free_port() -> int:
 
 def launch_train(run_dir: Path, data_dir: Path, *overrides: str, processes: int = 2,
                  config: str = "configs/train/tiny-test.yaml", resume: str | None = None,
-                 timeout: int = 600) -> subprocess.CompletedProcess:
+                 timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N pipeline/train.py ...`: the real launcher, real gloo process groups."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     cmd = [launcher, "--num_gpus", str(processes), "--master_port", str(free_port()),
@@ -32,7 +32,7 @@ def launch_train(run_dir: Path, data_dir: Path, *overrides: str, processes: int 
         cmd += ["--resume", resume]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
