@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	PIP_CONSTRAINT=$(abspath $(VENV))/constraints.txt $(PY) -m pip install --quiet -e ".[dev]"
-	# DeepSpeed JIT-builds its CPU all-reduce op at the first process-group start; a rank killed
-	# mid-build leaves a lock that stalls every later start, so it is built once, here.
+	# DeepSpeed JIT-builds its CPU all-reduce op at the first process-group start, and its CPU
+	# AdamW (ZeRO-Offload) at the first offloaded run; a rank killed mid-build leaves a lock that
+	# stalls every later start, so both are built once, here.
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -75,6 +75,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def offload_device(zero: dict, key: str) -> str | None:
+    """'cpu' or 'nvme' when the ZeRO section offloads `key` (offload_optimizer / offload_param)."""
+    device = (zero.get(key) or {}).get("device", "none")
+    return None if device in (None, "none") else str(device)
+
+
 def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed JSON: an optional file from configs/deepspeed/ with the run's batch sizes,
     precision, clipping and ZeRO stage written over it."""
@@ -90,6 +96,16 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
             raise ConfigError(f"train.deepspeed_config '{path}' does not exist")
         ds = json.loads(path.read_text())
     zero = dict(ds.get("zero_optimization", {}))
+    if "stage" in zero and int(zero["stage"]) != t.zero_stage:
+        raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' sets zero_optimization.stage="
+                          f"{zero['stage']} but train.zero_stage={t.zero_stage}: pass train.zero_stage="
+                          f"{zero['stage']} (the stage is decided by train.zero_stage)")
+    if offload_device(zero, "offload_param") and t.zero_stage != 3:
+        raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' offloads parameters "
+                          f"(offload_param), which needs ZeRO-3: pass train.zero_stage=3")
+    if offload_device(zero, "offload_optimizer") and t.zero_stage == 0:
+        raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' offloads the optimizer "
+                          f"(offload_optimizer), which needs ZeRO 1-3: pass train.zero_stage=1, 2 or 3")
     zero["stage"] = t.zero_stage
     ds.update({
         "train_batch_size": t.global_batch_size,
@@ -114,13 +130,21 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
     ZeRO shards over the data-parallel group only."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  fused=device.type == "cuda")
+    ds_config = build_deepspeed_config(cfg, world_size)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    hyper = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if offload_device(ds_config["zero_optimization"], "offload_optimizer"):
+        # the fp32 master weights and moments live in host memory: DeepSpeed's vectorised CPU
+        # AdamW steps them there (a torch optimizer is refused by ZeRO-Offload)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **hyper)
+    else:
+        optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda", **hyper)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=build_deepspeed_config(cfg, world_size), dist_init_required=False, mpu=mpu)
+        config=ds_config, dist_init_required=False, mpu=mpu)
     if cfg.train.precision == "bf16-mixed" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
         raise ConfigError(f"train.precision=bf16-mixed needs DeepSpeed's torch_autocast (deepspeed "
                           f"{deepspeed.__version__} lacks it): upgrade deepspeed or use train.precision=bf16")

@@ -56,3 +56,27 @@ def test_every_shipped_yaml_config_is_valid(markov_data):
     for path in sorted((ROOT / "configs/train").glob("*.yaml")):
         cfg = load_run_config(str(path), [f"data.path={markov_data}"])
         assert cfg.train.max_steps >= 1, path
+
+
+@pytest.mark.parametrize("zero_section,stage,message", [
+    ({"stage": 3}, 2, "sets zero_optimization.stage=3 but train.zero_stage=2: pass train.zero_stage=3"),
+    ({"offload_param": {"device": "cpu"}}, 2, "offload_param), which needs ZeRO-3"),
+    ({"offload_optimizer": {"device": "cpu"}}, 0, "offload_optimizer), which needs ZeRO 1-3"),
+])
+def test_deepspeed_json_that_contradicts_the_run_is_refused(markov_data, tmp_path, zero_section, stage, message):
+    import json
+    import re
+
+    from pipeline.trainer import build_deepspeed_config, offload_device
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero_section}))
+    cfg = load_run_config(str(ROOT / "configs/train/tiny-test.yaml"), [f"data.path={markov_data}", f"train.zero_stage={stage}",
+                                                           f"train.deepspeed_config={path}"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_deepspeed_config(cfg, 1)
+    shipped = load_run_config(str(ROOT / "configs/train/tiny-test.yaml"), [
+        f"data.path={markov_data}", "train.zero_stage=3", f"train.deepspeed_config={ROOT / 'configs/deepspeed/zero3_offload.json'}"])
+    zero = build_deepspeed_config(shipped, 1)["zero_optimization"]
+    assert offload_device(zero, "offload_optimizer") == offload_device(zero, "offload_param") == "cpu"
+    assert offload_device({"offload_optimizer": {"device": "none"}}, "offload_optimizer") is None
