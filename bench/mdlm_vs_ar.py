@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--output", default="", help="also write the result JSON here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.time_samples < 1:
-        p.error("--steps, --batch-size and --time-samples must be >= 1")
+    if args.steps < 1 or args.batch_size < 1 or args.time_samples < 2:
+        p.error("--steps and --batch-size must be >= 1 and --time-samples >= 2 (the standard error needs 2 draws)")
     return args
 
 

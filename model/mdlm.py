@@ -48,7 +48,7 @@ def _reduce(per_token: torch.Tensor, valid: torch.Tensor | None) -> LossOutput:
         per_token = torch.where(valid.bool(), per_token, torch.zeros_like(per_token))
         count = valid.to(per_token.dtype).sum()
     else:
-        count = torch.tensor(float(per_token.numel()), device=per_token.device)
+        count = per_token.new_full((), float(per_token.numel()))  # a fill, not a (syncing) host copy
     loss_sum = per_token.sum()
     return LossOutput(loss_sum / count.clamp_min(1), loss_sum, count)
 

@@ -2,21 +2,33 @@
 
 A checkpoint directory <root>/step00000123/ is complete once every rank finished writing and
 rank 0 wrote COMPLETE into it; only then is <root>/latest (re)written, atomically. Resume picks
-the newest complete checkpoint and falls back to older ones if loading fails.
+the newest complete checkpoint and falls back to older ones if loading fails; rank 0 chooses and
+every rank loads the same one. Each checkpoint also holds its run's config as run_config.json, so a
+resume with a different model is refused by name before any weights are read.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE"
+RUN_CONFIG = "run_config.json"
+DATA_MANIFEST = "data_manifest.json"  # the training data's manifest (tokenizer identity, seq_len)
+# settings a checkpoint cannot be resumed under with others: they change the weights' shapes or
+# meaning (model), how they are split (parallel.tensor) or how the optimizer states are laid out
+RESUME_FIXED = ("model.objective", "model.vocab_size", "model.mask_token_id", "model.n_layers", "model.d_model",
+                "model.n_heads", "model.mlp_ratio", "model.cond_dim", "model.time_conditioning",
+                "parallel.tensor", "train.zero_stage")
 
 
 def tag_for(step: int) -> str:
@@ -31,9 +43,41 @@ def complete_tags(root: str | Path) -> list[str]:
     return sorted(tags)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def all_ranks_agree(ok: bool, device: torch.device | str = "cpu") -> bool:
+    """True when `ok` holds on every rank (one all-reduce on the rank's device)."""
+    if not _distributed():
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(fixed, changed): 'key: saved -> current' for the flattened settings that differ, split into
+    those a resume cannot change (RESUME_FIXED) and the others."""
+    from .configtools import flatten
+
+    old, new = flatten(saved), flatten(current)
+    fixed, changed = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            (fixed if key in RESUME_FIXED else changed).append(f"{key}: {a} -> {b}")
+    return fixed, changed
+
+
+def saved_run_config(tag_dir: Path) -> dict | None:
+    path = Path(tag_dir) / RUN_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -43,31 +87,57 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int = 3, rank: int = 0):
+    def __init__(self, root: str | Path, keep_last: int = 3, rank: int = 0, device: torch.device | str = "cpu"):
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = rank
+        self.device = device
 
-    def save(self, engine, step: int, client_state: dict) -> Path:
+    def save(self, engine, step: int, client_state: dict, attach: dict[str, Path] | None = None) -> Path:
+        """`attach`: name -> file or folder copied into the checkpoint by rank 0 (the data's
+        manifest and tokenizer, so evaluation and sampling need nothing else)."""
         tag = tag_for(step)
+        if self.rank == 0 and (self.root / tag / COMPLETE).is_file():
+            (self.root / tag / COMPLETE).unlink()  # rewritten in place: not complete until done again
+        _barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         _barrier()
         if self.rank == 0:
+            if client_state.get("run_config") is not None:
+                _write_atomic(self.root / tag / RUN_CONFIG, json.dumps(client_state["run_config"], indent=1))
+            for name, src in (attach or {}).items():
+                dst = self.root / tag / name
+                if Path(src).is_dir():
+                    shutil.copytree(src, dst, dirs_exist_ok=True)
+                elif Path(src).is_file():
+                    shutil.copyfile(src, dst)
             _write_atomic(self.root / tag / COMPLETE, f"{step}\n")
             _write_atomic(self.root / "latest", tag)
             self._prune()
         _barrier()
         return self.root / tag
 
+    def is_complete(self, step: int) -> bool:
+        return (self.root / tag_for(step) / COMPLETE).is_file()
+
     def _prune(self) -> None:
         tags = complete_tags(self.root)
         for old in tags[:-self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
-    def load(self, engine, which: str = "auto") -> dict | None:
-        """Load `which` ('auto' = newest complete, or a tag / path); returns the client state."""
+    def _newest_first(self) -> list[str]:
+        """Rank 0's view of the complete checkpoints, newest first, on every rank (a node whose
+        shared-filesystem cache lags must not pick another step)."""
+        tags = [list(reversed(complete_tags(self.root))) if self.rank == 0 else None]
+        if _distributed():
+            dist.broadcast_object_list(tags, src=0)
+        return tags[0]
+
+    def load(self, engine, which: str = "auto", check: Callable[[Path], None] | None = None) -> dict | None:
+        """Load `which` ('auto' = newest complete, or a tag / path); returns the client state.
+        `check(tag_dir)` runs first and may refuse the checkpoint (it raises)."""
         if which == "auto":
-            candidates = list(reversed(complete_tags(self.root)))
+            candidates = self._newest_first()
             if not candidates:
                 log.info("no complete checkpoint under %s: starting from scratch", self.root)
                 return None
@@ -78,13 +148,16 @@ class CheckpointManager:
                 raise FileNotFoundError(f"checkpoint '{which}' is missing or incomplete (no {COMPLETE} marker)")
             self.root, candidates = root, [tag]
         for i, tag in enumerate(candidates):
+            if check is not None:
+                check(self.root / tag)
             try:
                 load_path, client_state = engine.load_checkpoint(str(self.root), tag=tag)
             except Exception as err:
                 load_path, client_state = None, None
-                log.warning("checkpoint %s could not be loaded (%s)", self.root / tag, err)
-            if load_path is not None:
-                if i > 0:
+                log.warning("checkpoint %s could not be loaded on rank %d (%s)", self.root / tag, self.rank, err)
+            # every rank resumes from the same step: one rank's unreadable file sends all to the next
+            if all_ranks_agree(load_path is not None, self.device):
+                if i > 0 and self.rank == 0:
                     log.warning("resumed from %s: newer checkpoints were unreadable", tag)
                 return client_state
             if which != "auto":

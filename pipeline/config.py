@@ -1,6 +1,7 @@
 """The resolved configuration of a training run (one dataclass per component)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -97,6 +98,11 @@ class EvalConfig:
     use_ema: bool = True
     seed: int = 0
 
+    def validate(self) -> None:
+        if self.time_samples < 2:
+            raise ConfigError(f"eval.time_samples={self.time_samples}: the bound's standard error needs at "
+                              "least 2 Monte Carlo times per sequence; use 2 or more")
+
 
 @dataclass
 class SampleConfig:
@@ -142,12 +148,33 @@ class RunConfig:
         if not (Path(self.data.path) / "manifest.json").is_file():
             raise ConfigError(f"data.path '{self.data.path}' has no manifest.json; run "
                               "`python -m data_prep --out <dir> ...` first or fix the path")
+        self._check_splits()
+        if self.train.precision == "fp8" and self.fp8.backend == "te" and self.train.activation_checkpointing:
+            raise ConfigError("train.activation_checkpointing with fp8.backend=te is not supported: torch's "
+                              "checkpoint recomputes the blocks outside TE's fp8_autocast, so their backward "
+                              "would not be FP8; use fp8.backend=torchao or turn activation checkpointing off")
         tp = self.parallel.tensor
         if tp > 1:
             m = self.model
             if m.n_heads % tp or (m.mlp_ratio * m.d_model) % tp:
                 raise ConfigError(f"parallel.tensor={tp} must divide model.n_heads={m.n_heads} and the "
                                   f"MLP width {m.mlp_ratio * m.d_model}")
+
+
+    def _check_splits(self) -> None:
+        """Training reads the train split and every evaluation the eval split: both must hold shards
+        before any work (an empty eval split would otherwise fail hours in, at the first eval)."""
+        try:
+            splits = json.loads((Path(self.data.path) / "manifest.json").read_text()).get("splits", {})
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.path '{self.data.path}': manifest.json is unreadable ({err})") from err
+        usable = sorted(name for name, split in splits.items() if split.get("shards"))
+        for name, fix in (("train", "rerun data_prep on a corpus with text in it"),
+                          (self.data.eval_split, f"set data.eval_split to one of {usable} or rerun data_prep "
+                                                 "with --val-fraction > 0")):
+            if name not in usable:
+                raise ConfigError(f"data.path '{self.data.path}' has no shards in split '{name}' "
+                                  f"(splits with shards: {', '.join(usable) or 'none'}): {fix}")
 
 
 def _prepare(raw: dict) -> dict:

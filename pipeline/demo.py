@@ -2,6 +2,10 @@
 processes (ZeRO-2 over gloo) -> evaluation -> samples -> MLflow, then a summary.
 
     python -m pipeline.demo [--corpus DIR] [--run-dir runs/demo] [--config configs/train/demo.yaml] [overrides]
+
+A rerun continues the same run (data_prep skips finished groups, training resumes from the newest
+checkpoint: with a larger train.max_steps it trains on, otherwise it evaluates and samples again).
+Your own corpus goes to runs/demo-<folder name> unless --run-dir says otherwise.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def _run(cmd: list[str], what: str, env: dict | None = None) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default="", help="a folder of .txt files instead of the embedded corpus")
-    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--run-dir", default="", help="default: runs/demo, or runs/demo-<folder> with --corpus")
     p.add_argument("--config", default="configs/train/demo.yaml")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=128)
@@ -44,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_steps=100")
     args = p.parse_args(argv)
     total_start = time.perf_counter()
-    run_dir = (ROOT / args.run_dir).resolve()
-    data_dir = run_dir / "data"
     python = sys.executable
 
     if args.corpus:
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print("==> fetching the embedded corpus (State of the Union addresses, hash-checked, cached)")
         corpus = fetch_demo_corpus()
     print(f"    corpus: {corpus}")
+    run_dir = (ROOT / (args.run_dir or ("runs/demo-" + corpus.name if args.corpus else "runs/demo"))).resolve()
+    data_dir = run_dir / "data"
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # one CPU process per core: more threads per process only oversubscribe the cores
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if deepspeed is None:
         raise SystemExit("demo: the `deepspeed` launcher was not found; run `make install` first")
     train_cmd = [deepspeed, "--num_gpus", str(args.processes), "--master_port", str(_free_port()),
-                 "pipeline/train.py", "--config", args.config, f"data.path={data_dir}",
+                 "pipeline/train.py", "--config", args.config, "--resume", "auto", f"data.path={data_dir}",
                  f"run_dir={run_dir}", *args.overrides]
     timings["train"] = _run(train_cmd, f"DeepSpeed ZeRO-2 training on {args.processes} CPU processes (gloo)", env)
 

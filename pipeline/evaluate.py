@@ -59,6 +59,9 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
                         discrete_steps: int = 0) -> dict:
     """exp(NELBO per token) for MDLM, exact perplexity for AR, over a deterministic pass of `split`,
     split across ranks; the standard error comes from the K draws per sequence."""
+    if isinstance(model, MDLM) and time_samples < 2:
+        raise ValueError(f"time_samples={time_samples}: the bound's standard error needs at least 2 Monte Carlo "
+                         "times per sequence")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -103,32 +106,56 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
 
 def token_counts(data_dir: str | Path, split: str, vocab: int, max_samples: int = 0) -> np.ndarray:
     counts = np.zeros(vocab, dtype=np.int64)
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:  # one bincount per ~1M tokens, not one vocab-sized array per sample
+        if pending:
+            counts[:] += np.bincount(np.concatenate(pending).astype(np.int64), minlength=vocab)[:vocab]
+            pending.clear()
+
     stream = ShardStream(data_dir, split, shuffle=False, loop=False)
+    held = 0
     for i, sample in enumerate(stream):
         if max_samples and i >= max_samples:
             break
         toks = sample["tokens"]
         if "mask" in sample:
             toks = toks[sample["mask"].astype(bool)]
-        counts += np.bincount(toks.astype(np.int64), minlength=vocab)[:vocab]
+        pending.append(toks)
+        held += toks.size
+        if held >= 2**20:
+            flush()
+            held = 0
+    flush()
     return counts
 
 
+# the unigram is fit on at most this many train tokens: enough for a stable baseline, and a
+# web-scale train split (billions of tokens) would otherwise be read in full after every run
+UNIGRAM_TRAIN_TOKENS = 2**24
+
+
 def unigram_perplexity(data_dir: str | Path, eval_split: str = "val", train_split: str = "train",
-                       max_train_samples: int = 0, max_eval_samples: int = 0) -> dict:
-    """Perplexity of the eval tokens under the add-one-smoothed unigram of the train tokens:
-    the bar a model must clear to show it uses context."""
+                       max_train_samples: int | None = None, max_eval_samples: int = 0) -> dict:
+    """Perplexity of the eval tokens under the add-one-smoothed unigram of the train tokens (the
+    first UNIGRAM_TRAIN_TOKENS of them unless `max_train_samples` says otherwise; 0 = all): the bar
+    a model must clear to show it uses context."""
     manifest = load_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
-    train = token_counts(data_dir, train_split, vocab, max_train_samples).astype(np.float64) + 1.0
+    if max_train_samples is None:
+        max_train_samples = -(-UNIGRAM_TRAIN_TOKENS // int(manifest["seq_len"]))
+    train_counts = token_counts(data_dir, train_split, vocab, max_train_samples)
+    train = train_counts.astype(np.float64) + 1.0
     log_p = np.log(train / train.sum())
     evals = token_counts(data_dir, eval_split, vocab, max_eval_samples)
     nll = -(evals * log_p).sum() / evals.sum()
-    return {"unigram_nll": float(nll), "unigram_ppl": float(math.exp(nll)), "unigram_tokens": int(evals.sum())}
+    return {"unigram_nll": float(nll), "unigram_ppl": float(math.exp(nll)), "unigram_tokens": int(evals.sum()),
+            "unigram_train_tokens": int(train_counts.sum())}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .inference import load_checkpoint_model
+    from .inference import (check_same_tokenizer, checkpoint_run_config, load_checkpoint_model, resolve_checkpoint,
+                            training_data)
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoints dir (newest complete) or one step dir")
@@ -140,15 +167,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--output", default="", help="write the result JSON here")
     args = parser.parse_args(argv)
-    loaded = load_checkpoint_model(args.checkpoint, use_ema=not args.no_ema)
-    data = args.data or loaded.config["data"]["path"]
+    if args.time_samples < 2:
+        parser.error(f"--time-samples {args.time_samples}: the standard error needs at least 2 draws per sequence")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    # every check that needs no weights, before loading them
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        config = checkpoint_run_config(ckpt)
+        data = args.data or config["data"]["path"]
+        manifest = load_manifest(data)
+        trained_on, _ = training_data(ckpt, config["data"]["path"] if Path(config["data"]["path"]).is_dir() else data)
+        warnings = check_same_tokenizer(ckpt, trained_on, data, manifest)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    loaded = load_checkpoint_model(ckpt, use_ema=not args.no_ema, device=device)
     result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
-                                 args.max_batches, args.seed, discrete_steps=args.discrete_steps)
+                                 args.max_batches, args.seed, device=device, discrete_steps=args.discrete_steps)
     result.update(unigram_perplexity(data, args.split, max_eval_samples=args.max_batches * args.batch_size))
-    result["conventions"] = conventions(load_manifest(data))
+    result["conventions"] = conventions(manifest)
     result["checkpoint"] = str(loaded.path)
+    result["warnings"] = warnings
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from model.mdlm import build_model
+from model.tensor_parallel import strip_extra_state
 
-from .checkpoint import COMPLETE, complete_tags
+from .checkpoint import COMPLETE, DATA_MANIFEST, complete_tags, saved_run_config
 from .configtools import from_dict
 
 
@@ -66,6 +67,48 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True, device="cpu") 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         weights, source = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name), "raw"
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    # Transformer Engine's linears (fp8.backend=te) add FP8 scaling state the plain model has no place for
+    model.load_state_dict({k: v.float() for k, v in strip_extra_state(weights).items()})
     model.to(device).eval()
     return LoadedModel(model, config, ckpt, int(state.get("step", 0)), source)
+
+
+def training_data(ckpt: Path, data_path: str | Path | None = None) -> tuple[dict, Path]:
+    """(manifest, tokenizer.json) of the data the checkpoint was trained on: the copies inside the
+    checkpoint, or (older checkpoints) those of its run's data.path, or of `data_path`."""
+    import json
+
+    from .data import load_manifest
+
+    if (ckpt / DATA_MANIFEST).is_file() and (ckpt / "tokenizer" / "tokenizer.json").is_file():
+        return json.loads((ckpt / DATA_MANIFEST).read_text()), ckpt / "tokenizer" / "tokenizer.json"
+    if data_path is None:
+        raise FileNotFoundError(f"{ckpt} holds no copy of its training data's manifest and tokenizer: pass the "
+                                "data_prep output it was trained on (--data)")
+    return load_manifest(data_path), Path(data_path) / "tokenizer" / "tokenizer.json"
+
+
+def check_same_tokenizer(ckpt: Path, trained_on: dict, data_dir: str | Path, manifest: dict) -> list[str]:
+    """Raise ValueError when `data_dir` was tokenized differently from the checkpoint's training
+    data; returns warnings for differences that still allow evaluation (sequence length)."""
+    a, b = trained_on["tokenizer"], manifest["tokenizer"]
+    if a.get("files") != b.get("files") or a.get("vocab_size") != b.get("vocab_size"):
+        raise ValueError(f"data '{data_dir}' was tokenized with {b.get('name')} (vocab {b.get('vocab_size')}, files "
+                         f"{b.get('files')}), but {ckpt} was trained on {a.get('name')} (vocab {a.get('vocab_size')}, "
+                         f"files {a.get('files')}): evaluate on data prepared with the checkpoint's tokenizer")
+    if int(manifest["seq_len"]) != int(trained_on["seq_len"]):
+        return [f"data '{data_dir}' holds sequences of {manifest['seq_len']} tokens; {ckpt} was trained on "
+                f"{trained_on['seq_len']}"]
+    return []
+
+
+def checkpoint_run_config(ckpt: Path) -> dict:
+    """The run config of a checkpoint, read without loading its weights (run_config.json, or the
+    model states file memory-mapped for checkpoints written before it existed)."""
+    saved = saved_run_config(ckpt)
+    if saved is not None:
+        return saved
+    states = sorted(ckpt.glob("mp_rank_00_model_states.pt")) or sorted(ckpt.glob("*model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"{ckpt} has no DeepSpeed model states file")
+    return torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)["run_config"]

@@ -28,9 +28,19 @@ def matmul_params(model: nn.Module) -> int:
     """Parameters that take part in matmuls: everything except embedding tables, norms, biases."""
     total = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if is_linear(module):
             total += module.weight.numel()
     return total
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear and its subclasses (torchao's Float8Linear), and Transformer Engine's Linear,
+    which is not an nn.Linear."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (type(module).__module__.startswith("transformer_engine.") and isinstance(weight, torch.Tensor)
+            and weight.ndim == 2)
 
 
 def flops_per_token(n_matmul_params: int, n_layers: int, d_model: int, seq_len: int,

@@ -22,7 +22,8 @@ BLOCK_LINEARS = ("attn_qkv", "attn_out", "mlp_in", "mlp_out")
 @dataclass
 class FP8Config:
     backend: Literal["torchao", "te"] = "torchao"
-    recipe: Literal["tensorwise", "rowwise", "delayed", "current"] = "tensorwise"
+    # "" = the backend's default: tensorwise (torchao) or delayed scaling (TE)
+    recipe: Literal["", "tensorwise", "rowwise", "delayed", "current"] = ""
     amax_history_len: int = 16             # TE delayed scaling
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     # TE delayed scaling: all-reduce the amaxes over every rank each step, so the scales agree
@@ -32,8 +33,12 @@ class FP8Config:
     reduce_amax: bool = True
     keep_first_last_block_bf16: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         valid = {"torchao": ("tensorwise", "rowwise"), "te": ("delayed", "current")}
+        self.recipe = self.recipe or valid[self.backend][0]
         if self.recipe not in valid[self.backend]:
             raise ConfigError(f"fp8.recipe '{self.recipe}' does not apply to fp8.backend '{self.backend}'; "
                               f"choose one of {', '.join(valid[self.backend])}")

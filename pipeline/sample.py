@@ -47,7 +47,9 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default; 1 is fastest on busy cores)")
     p.add_argument("--judge", default="", help="AR checkpoint (or Hugging Face directory) for gen-PPL")
-    p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the run's data tokenizer)")
+    p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the copy in the checkpoint)")
+    p.add_argument("--data", default="", help="the training data_prep output, for checkpoints that hold no copy "
+                                              "of its manifest and tokenizer (default: the run's data.path)")
     p.add_argument("--output", default="samples", help="output prefix: writes PREFIX.txt and PREFIX.json")
     args = p.parse_args(argv)
     if args.no_cache and args.sampler == "cached":
@@ -69,17 +71,6 @@ def parse_args(argv):
     if args.sampler != "semi-ar" and (args.block_size or args.carry >= 0):
         p.error("--block-size and --carry only apply to --sampler semi-ar")
     return p, args
-
-
-def _run_config(ckpt: Path) -> dict:
-    """The run config stored with the weights, read without loading them (the tensors are
-    memory-mapped, not read)."""
-    import torch
-
-    states = sorted(ckpt.glob("mp_rank_00_model_states.pt")) or sorted(ckpt.glob("*model_states.pt"))
-    if not states:
-        raise FileNotFoundError(f"{ckpt} has no DeepSpeed model states file")
-    return torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)["run_config"]
 
 
 def _encode(tok, text: str, mask_id: int | None) -> list[int]:
@@ -104,21 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    from .data import load_manifest
-    from .inference import resolve_checkpoint
+    from .inference import checkpoint_run_config, resolve_checkpoint, training_data
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
-        config = _run_config(ckpt)
+        config = checkpoint_run_config(ckpt)
+        manifest, tokenizer_file = training_data(ckpt, args.data or config["data"]["path"])
     except FileNotFoundError as err:
         parser.error(str(err))
-    data_dir = Path(config["data"]["path"])
-    manifest = load_manifest(data_dir)
     objective = config["model"].get("objective", "mdlm")
     mask_id = int(manifest["mask_token_id"]) if objective == "mdlm" else None
     bos_id = int(manifest["tokenizer"]["bos_id"])
     length = args.length or int(manifest["seq_len"])
-    tok = Tokenizer.from_file(args.tokenizer or str(data_dir / "tokenizer" / "tokenizer.json"))
+    if length > int(manifest["seq_len"]) and args.sampler != "semi-ar":
+        print(f"warning: --length {length} is longer than the {manifest['seq_len']} tokens the model was trained "
+              "on (rotary positions beyond it were never seen); --sampler semi-ar generates long texts "
+              "block by block", file=sys.stderr)
+    tok = Tokenizer.from_file(args.tokenizer or str(tokenizer_file))
 
     # every check that needs no weights, before loading them
     if objective != "mdlm" and (args.suffix or MASK_MARK in args.prompt):

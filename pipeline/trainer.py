@@ -18,10 +18,11 @@ from model.config import ModelConfig
 from model.dit import count_parameters
 from model.mdlm import MDLM, build_model
 from model.noise import stratified_times
+from model.tensor_parallel import strip_extra_state
 
 from . import metrics
 from .adapters import apply_activation_checkpointing, compile_blocks, plain_name
-from .checkpoint import CheckpointManager
+from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences, saved_run_config
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
 from .data import ShardStream, batches, load_manifest
@@ -158,6 +159,10 @@ class Trainer:
         # (preemption, a requeue's time-limit warning) stops the run after its first step
         self.stop_signal: int | None = None
         self._install_signal_handlers()
+        if cfg.parallel.tensor > 1:
+            # megatron-core's layers overlap their async tensor-parallel all-reduce with the weight
+            # gradient only when the GPU has one hardware queue; read when the CUDA context starts
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.device = self.dist.device
@@ -174,6 +179,11 @@ class Trainer:
                 raise ConfigError(str(err)) from err
             self.dp_rank, self.dp_world, self.mpu = layout.data_rank, layout.data, MegatronMPU()
         self.run_dir = Path(cfg.run_dir)
+        existing = complete_tags(self.run_dir / "checkpoints")
+        if not all_ranks_agree(resume is not None or not existing, self.device):
+            raise ConfigError(f"run_dir '{self.run_dir}' already holds checkpoints of a run (newest: "
+                              f"{existing[-1] if existing else 'on another rank'}): pass --resume auto to "
+                              f"continue it, or another run_dir to start a new run")
         self.manifest = load_manifest(cfg.data.path)
         resolve_vocab(cfg.model, self.manifest)
         self.seq_len = int(self.manifest["seq_len"])
@@ -203,6 +213,10 @@ class Trainer:
         else:
             self.tp_layout, self.n_params, n_matmul = {}, count_parameters(model), metrics.matmul_params(model)
         self.flops_per_token = metrics.model_flops_per_token(cfg.model, n_matmul, self.seq_len)
+        # megatron-core's TE layers reuse their FP8 weight copies after a forward with
+        # is_first_microbatch=True and reset it only from Megatron's own schedule: set it at each
+        # step's first micro-batch, or the blocks would compute with the first step's weights forever
+        self._te_weight_caches = [m for m in model.modules() if hasattr(m, "is_first_microbatch")]
         self.engine, self.scheduler = make_engine(model, cfg, self.dp_world, self.device, mpu=self.mpu)
         # dropout streams differ per data-parallel rank and agree within a tensor-parallel group
         # (the residual stream is replicated there)
@@ -213,14 +227,19 @@ class Trainer:
 
         self.stream = ShardStream(cfg.data.path, "train", self.dp_rank, self.dp_world, cfg.data.seed, cfg.data.shuffle,
                                   split_by=cfg.data.split_by)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank, self.device)
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
         self.skipped_steps = 0
         self.mlflow_run_id: str | None = None
         if resume:
-            self._restore(self.checkpoints.load(self.engine, resume))
+            self._restore(self.checkpoints.load(self.engine, resume, check=self._check_resumable))
+        if self.rank == 0:  # the resolved config of this start, with or without MLflow
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_dir / "config.yaml.tmp"
+            tmp.write_text(dump_yaml(cfg))
+            os.replace(tmp, self.run_dir / "config.yaml")
         self.tracker = self._start_tracking() if self.rank == 0 and cfg.tracking.enabled else None
         self._batches = batches(self.stream, cfg.data.micro_batch_size)
         self._keys_file = None
@@ -287,10 +306,7 @@ class Trainer:
             tracker.log_params(flatten(to_dict(self.cfg)))
             tracker.log_params({"derived.n_params": self.n_params, "derived.world_size": self.world,
                                 "derived.grad_accum": self.grad_accum, "derived.seq_len": self.seq_len})
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg_path = self.run_dir / "config.yaml"
-            cfg_path.write_text(dump_yaml(self.cfg))
-            tracker.log_artifact(cfg_path)
+            tracker.log_artifact(self.run_dir / "config.yaml")
             tracker.log_artifact(Path(self.cfg.data.path) / "manifest.json")
         self.mlflow_run_id = tracker.run_id
         return tracker
@@ -323,6 +339,17 @@ class Trainer:
             "parallel": {"tensor": self.tp, "data": self.dp_world, "layout": self.tp_layout},
         }
 
+    def _check_resumable(self, tag_dir: Path) -> None:
+        saved = saved_run_config(tag_dir)
+        if saved is None:  # written before checkpoints carried their config
+            return
+        fixed, changed = config_differences(saved, to_dict(self.cfg))
+        if fixed:
+            raise ConfigError(f"checkpoint {tag_dir} cannot be resumed with this config: "
+                              f"{'; '.join(fixed)}. Resume with the checkpoint's settings, or start a new run_dir")
+        if changed and self.rank == 0:
+            log.warning("resuming %s with settings that differ from the checkpoint's: %s", tag_dir, "; ".join(changed))
+
     def _restore(self, state: dict | None) -> None:
         if not state:
             return
@@ -345,7 +372,9 @@ class Trainer:
             log.info("resumed at step %d (%d tokens seen)", self.step, self.tokens_seen)
 
     def save(self) -> Path:
-        path = self.checkpoints.save(self.engine, self.step, self.client_state())
+        data = Path(self.cfg.data.path)
+        path = self.checkpoints.save(self.engine, self.step, self.client_state(), attach={
+            DATA_MANIFEST: data / "manifest.json", "tokenizer": data / "tokenizer"})
         if self.rank == 0:
             log.info("checkpoint saved: %s", path)
         return path
@@ -373,6 +402,13 @@ class Trainer:
         uniforms = torch.rand(g, self.seq_len, generator=gen)
         return times, uniforms
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host batch -> device without waiting: a blocking copy to a GPU synchronises its stream,
+        which would drain the queued backward before every micro-step."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     def train_step(self) -> dict:
         times, uniforms = self._step_noise() if self.is_mdlm else (None, None)
         mb = self.cfg.data.micro_batch_size
@@ -387,13 +423,16 @@ class Trainer:
             # local sample k of this step is global sample k * W + rank (exact with split_by=sample),
             # W and rank being data-parallel
             rows = (torch.arange(micro * mb, (micro + 1) * mb) * self.dp_world + self.dp_rank)
-            kwargs = {"valid": valid.to(self.device) if valid is not None else None}
+            if micro == 0:
+                for module in self._te_weight_caches:
+                    module.is_first_microbatch = True
+            kwargs = {"valid": self._to_device(valid) if valid is not None else None}
             with self._fp8_context():
                 if self.is_mdlm:
-                    kwargs["noise"] = uniforms[rows].to(self.device)
-                    out = self.engine(x0.to(self.device), times[rows].to(self.device), **kwargs)
+                    kwargs["noise"] = self._to_device(uniforms[rows])
+                    out = self.engine(self._to_device(x0), self._to_device(times[rows]), **kwargs)
                 else:
-                    out = self.engine(x0.to(self.device), **kwargs)
+                    out = self.engine(self._to_device(x0), **kwargs)
             loss = out.loss
             if self.step + 1 in self._inject_nan_steps:
                 loss = loss * float("nan")
@@ -438,8 +477,8 @@ class Trainer:
             model.load_state_dict(self.ema.full_state())
         else:
             with self._gathered():
-                model.load_state_dict({plain_name(n): p.detach().float()
-                                       for n, p in self.engine.module.state_dict().items()})
+                model.load_state_dict({plain_name(n): p.detach().float() for n, p in
+                                       strip_extra_state(self.engine.module.state_dict()).items()})
         return model.eval()
 
     def _gather_tp_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -531,7 +570,8 @@ class Trainer:
                 self.save()
                 summary["stopped_by_signal"] = True
                 return summary
-        self.save()
+        if self.step > start_step or not self.checkpoints.is_complete(self.step):
+            self.save()  # (a resume of a finished run trains nothing and keeps its last checkpoint)
         summary.update(self.finish())
         return summary
 

@@ -31,16 +31,35 @@ def test_yaml_plus_dotted_overrides(markov_data):
     ("train.precision=fp16", "train.precision: 'fp16' is not one of 'bf16', 'bf16-mixed', 'fp32'"),
     ("model.preset=mdlm-huge", "model.preset 'mdlm-huge' is unknown"),
     ("train.zero_stage=4", "train.zero_stage=4 must be 0, 1, 2 or 3"),
+    ("eval.time_samples=1", "eval.time_samples=1: the bound's standard error needs at least 2"),
+    ("train.precision=fp8 fp8.backend=te train.activation_checkpointing=true",
+     "train.activation_checkpointing with fp8.backend=te is not supported"),
 ])
 def test_bad_keys_and_types_fail_naming_the_key(markov_data, override, message):
     with pytest.raises(ConfigError) as err:
-        load_run_config(str(ROOT / "configs/train/tiny-test.yaml"), [f"data.path={markov_data}", override])
+        load_run_config(str(ROOT / "configs/train/tiny-test.yaml"), [f"data.path={markov_data}", *override.split()])
     assert message in str(err.value)
 
 
 def test_missing_data_dir_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="has no manifest.json"):
         load_run_config(None, [f"data.path={tmp_path}"])
+
+
+def test_eval_split_without_shards_is_refused_before_any_work(markov_data, tmp_path):
+    import json
+    import shutil
+
+    with pytest.raises(ConfigError, match=r"has no shards in split 'valid' \(splits with shards: train, val\): "
+                                          r"set data.eval_split to one of \['train', 'val'\]"):
+        load_run_config(None, [f"data.path={markov_data}", "data.eval_split=valid"])
+    empty = tmp_path / "no-val"
+    shutil.copytree(markov_data, empty)
+    manifest = json.loads((empty / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"] = []  # data_prep with --val-fraction 0
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="has no shards in split 'val'.*--val-fraction > 0"):
+        load_run_config(None, [f"data.path={empty}"])
 
 
 def test_train_cli_rejects_unknown_key_before_any_work(markov_data, tmp_path):

@@ -47,12 +47,26 @@ def test_key_uniforms_are_stable_and_distinct():
     assert not torch.equal(a[0], a[1]) and a.dtype == torch.float64
 
 
-def test_unigram_perplexity_matches_a_hand_count(markov_data):
-    from pipeline.evaluate import token_counts
+def test_unigram_perplexity_matches_a_hand_count(markov_data, monkeypatch):
+    from collections import Counter
 
-    result = unigram_perplexity(markov_data)
-    train = token_counts(markov_data, "train", 16).astype(float) + 1
-    val = token_counts(markov_data, "val", 16)
-    expected = -(val * (torch.tensor(train / train.sum()).log().numpy())).sum() / val.sum()
-    assert math.isclose(result["unigram_nll"], expected, rel_tol=1e-12)
-    assert result["unigram_tokens"] == 64 * 32
+    import pipeline.evaluate as evaluate
+    from pipeline.data import ShardStream
+
+    def hand_counts(split, limit=None):
+        rows = list(ShardStream(markov_data, split, shuffle=False, loop=False))[:limit]
+        counter = Counter(int(t) for row in rows for t in row["tokens"])
+        return torch.tensor([counter[i] for i in range(16)], dtype=torch.float64)
+
+    def expected_nll(train):
+        val = hand_counts("val")
+        return float(-(val * ((train + 1) / (train + 1).sum()).log()).sum() / val.sum())
+
+    result = unigram_perplexity(markov_data, max_train_samples=0)
+    assert math.isclose(result["unigram_nll"], expected_nll(hand_counts("train")), rel_tol=1e-12)
+    assert result["unigram_tokens"] == 64 * 32 and result["unigram_train_tokens"] == 512 * 32
+    # the train side is capped (a web-scale split is not read in full after every run)
+    monkeypatch.setattr(evaluate, "UNIGRAM_TRAIN_TOKENS", 100)
+    capped = unigram_perplexity(markov_data)
+    assert capped["unigram_train_tokens"] == 4 * 32  # ceil(100 / seq_len 32) samples
+    assert math.isclose(capped["unigram_nll"], expected_nll(hand_counts("train", 4)), rel_tol=1e-12)

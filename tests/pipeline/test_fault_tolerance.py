@@ -91,6 +91,31 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(markov_data, t
     assert sorted(logged_losses(text)) == list(range(11, 23))
 
 
+def test_a_used_run_dir_needs_resume_and_a_resume_keeps_the_model(markov_data, tmp_path):
+    run_single(tmp_path, markov_data, *FAST, "train.max_steps=4", "train.checkpoint_every=2")
+    assert "n_layers: 2" in (tmp_path / "config.yaml").read_text()  # written with MLflow off too
+    ckpts = tmp_path / "checkpoints"
+    before = {str(p.relative_to(ckpts)): p.stat().st_mtime_ns for p in ckpts.glob("step*/*")}
+    # a second run without --resume would mix its checkpoints with the first run's
+    fresh = run_single(tmp_path, markov_data, *FAST, "train.max_steps=2", check=False)
+    assert fresh.returncode == 2
+    assert "already holds checkpoints of a run (newest: step00000004): pass --resume auto" in fresh.stderr
+    # a different model is refused by name before any weights are read, not taken for corruption
+    other = run_single(tmp_path, markov_data, *FAST, "train.max_steps=6", "model.n_layers=3", resume="auto",
+                       check=False)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "cannot be resumed with this config: model.n_layers: 2 -> 3" in other.stderr
+    assert "could not be loaded" not in other.stdout + other.stderr
+    # other changes are allowed and named; a finished run resumed at its last step trains nothing
+    # and keeps that checkpoint as it is
+    done = run_single(tmp_path, markov_data, *FAST, "train.max_steps=4", "optim.lr=0.001", resume="auto")
+    text = done.stdout + done.stderr
+    assert "settings that differ from the checkpoint's: optim.lr: 0.003 -> 0.001" in text
+    assert "resumed at step 4" in text and logged_losses(text) == {}
+    assert {str(p.relative_to(ckpts)): p.stat().st_mtime_ns for p in ckpts.glob("step*/*")} == before
+    assert (tmp_path / "final_eval.json").is_file()
+
+
 def test_explicit_missing_checkpoint_is_an_error(markov_data, tmp_path):
     out = run_single(tmp_path, markov_data, *FAST, "train.max_steps=3", resume="step00000099", check=False)
     assert out.returncode != 0

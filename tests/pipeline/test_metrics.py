@@ -45,3 +45,22 @@ def test_the_head_is_counted_on_the_tokens_it_runs_on():
     for other in (model_config("mdlm-small", masked_logits_only=False), model_config("mdlm-small", objective="ar")):
         assert metrics.head_token_fraction(other) == 1.0
         assert metrics.model_flops_per_token(other, n, 1024) == full
+
+
+def test_fp8_linears_keep_their_flops():
+    """A model whose block linears were swapped for Transformer Engine's Linear (not an nn.Linear)
+    counts the same matmul FLOPs; a stand-in class from that package path plays TE's role here."""
+    from pipeline.precision import fp8_linear_names
+
+    te_linear = type("Linear", (torch.nn.Module,), {"__module__": "transformer_engine.pytorch.module.linear"})
+    model = build_model(model_config("mdlm-tiny", vocab_size=64))
+    expected = metrics.matmul_params(model)
+    for name in fp8_linear_names(model):
+        parent, _, child = name.rpartition(".")
+        old = getattr(model.get_submodule(parent), child)
+        new = te_linear()
+        new.weight = torch.nn.Parameter(old.weight.detach().clone())
+        setattr(model.get_submodule(parent), child, new)
+    assert not any(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.endswith("attn_qkv"))
+    assert metrics.matmul_params(model) == expected
+    assert not metrics.is_linear(torch.nn.LayerNorm(8)) and not metrics.is_linear(torch.nn.Embedding(4, 8))

@@ -43,6 +43,9 @@ def test_recipe_must_match_backend():
 
     with pytest.raises(ConfigError, match="fp8.recipe 'delayed' does not apply to fp8.backend 'torchao'"):
         from_dict(FP8Config, {"backend": "torchao", "recipe": "delayed"}, "fp8")
+    # an unset recipe is the backend's default, so fp8.backend=te alone is a valid choice
+    assert from_dict(FP8Config, {"backend": "te"}, "fp8").recipe == "delayed"
+    assert from_dict(FP8Config, {}, "fp8").recipe == "tensorwise"
 
 
 def test_te_recipes_carry_the_configured_scaling():

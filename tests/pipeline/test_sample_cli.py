@@ -220,3 +220,23 @@ def test_bench_rejects_bad_flags(ckpts, capsys):
     proc = subprocess.run([sys.executable, "bench/sampling.py", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "--mlflow-uri" in proc.stdout
+
+
+def test_raw_weights_load_past_transformer_engine_extra_state(ckpts, tmp_path):
+    """fp8.backend=te saves each TE linear's FP8 scaling state as '<name>._extra_state' next to
+    its weights; loading the raw weights into the plain model skips it."""
+    import shutil
+
+    from pipeline.inference import load_checkpoint_model
+
+    src = ckpts["mdlm"] / "checkpoints" / f"step{STEPS:08d}"
+    dst = tmp_path / "checkpoints" / src.name
+    shutil.copytree(src, dst)
+    states = dst / "mp_rank_00_model_states.pt"
+    state = torch.load(states, map_location="cpu", weights_only=False)
+    state["module"]["backbone.blocks.0.attn_qkv._extra_state"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, states)
+    loaded = load_checkpoint_model(dst, use_ema=False)
+    plain = load_checkpoint_model(src, use_ema=False)
+    assert loaded.weights == "raw"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), plain.model.state_dict().values()))

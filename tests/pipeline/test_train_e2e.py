@@ -3,6 +3,7 @@ webdataset shards, checkpoints and resume, and an MLflow sqlite store read back 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,36 @@ def test_sample_cli_writes_texts_and_stats(runs, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipeline.sample", "--checkpoint", str(runs["straight"]),
                           "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
+
+
+def test_checkpoints_carry_their_data_identity(runs, tmp_path):
+    """A checkpoint holds its run config, the data's manifest and the tokenizer: sampling works
+    after the data has moved, and evaluating on data with another tokenizer is refused up front."""
+    from tests.synthetic import write_markov_shards
+
+    src = runs["straight"] / "checkpoints" / "step00000040"
+    assert {"run_config.json", "data_manifest.json", "tokenizer"} <= {p.name for p in src.iterdir()}
+    moved = tmp_path / "moved" / src.name
+    shutil.copytree(src, moved)
+    config = json.loads((moved / "run_config.json").read_text())
+    config["data"]["path"] = str(tmp_path / "gone")
+    (moved / "run_config.json").write_text(json.dumps(config))
+    prefix = tmp_path / "gen"
+    run_cli("-m", "pipeline.sample", "--checkpoint", str(moved), "--steps", "8", "--num-samples", "1",
+            "--length", "16", "--output", str(prefix))
+    assert len(prefix.with_suffix(".txt").read_text().split()) == 16
+
+    other = tmp_path / "vocab24"
+    write_markov_shards(other, vocab=24, seq_len=32, train_samples=64, val_samples=16, samples_per_shard=64)
+    bad = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(moved), "--data", str(other)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "was tokenized with synthetic-markov (vocab 24" in bad.stderr and "trained on synthetic-markov (vocab 16" in bad.stderr
+    longer = tmp_path / "seq64"
+    write_markov_shards(longer, vocab=16, seq_len=64, train_samples=64, val_samples=16, samples_per_shard=64)
+    out = tmp_path / "eval64.json"
+    proc = run_cli("-m", "pipeline.evaluate", "--checkpoint", str(moved), "--data", str(longer), "--max-batches", "1",
+                   "--batch-size", "4", "--time-samples", "2", "--output", str(out))
+    assert "holds sequences of 64 tokens" in proc.stderr
+    assert json.loads(out.read_text())["warnings"] == [
+        f"data '{longer}' holds sequences of 64 tokens; {moved} was trained on 32"]
