@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +77,11 @@ def expand_preset(raw: dict) -> dict:
     raw = dict(raw)
     name = raw.get("preset", ModelConfig.preset)
     if name in PRESETS:
+        changed = [f"{k}={raw[k]} (preset: {v})" for k, v in PRESETS[name].items() if k in raw and raw[k] != v]
+        if changed:  # e.g. model.preset overridden on the command line of a YAML that sets shapes
+            logging.getLogger("mdlm.config").warning("model.preset '%s' with explicit %s: the explicit values "
+                                                     "win; use model.preset=custom for a shape of your own",
+                                                     name, ", ".join(changed))
         merged = dict(PRESETS[name])
         merged.update(raw)
         return merged

@@ -47,14 +47,17 @@ class TimestepEmbedder(nn.Module):
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # no buffer: engines that cast a module's buffers to bf16 (older DeepSpeed) would round
+        # the frequencies, and training would see other positions than evaluation
+        self.head_dim, self.base = head_dim, base
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+                                            / self.head_dim))
             pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(pos, self.inv_freq.to(device))
+            freqs = torch.outer(pos, inv_freq)
             self._cache = (seq_len, device, freqs.cos(), freqs.sin())
         return self._cache[2][:seq_len], self._cache[3][:seq_len]
 

@@ -39,8 +39,10 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # sites that bind one GPU per task show each rank a single device, whatever its local rank
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        device = torch.device("cuda", gpu)
         backend = "nccl"
     else:
         device = torch.device("cpu")
@@ -50,7 +52,27 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
                                    timeout=datetime.timedelta(seconds=timeout_s))
         if backend == "gloo":
             _unlink_shm_allreduce_buffer(dist)
+    if dist.get_rank() == 0:
+        _warn_if_shutdown_timeout_ignored()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _warn_if_shutdown_timeout_ignored() -> None:
+    """Under torchrun (e.g. cluster/kubeflow-pytorchjob.yaml), TORCH_ELASTIC_SHUTDOWN_TIMEOUT gives
+    the ranks time to checkpoint after SIGTERM; a torch whose launcher does not read it kills them
+    30 s after the signal, which a large checkpoint can outlast."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+        return
+    import inspect
+    import logging
+
+    from torch.distributed.launcher import api
+
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in inspect.getsource(api):
+        logging.getLogger("mdlm.distributed").warning(
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT is set but torch %s's torchrun ignores it: after SIGTERM the ranks "
+            "are killed within 30 s, possibly before their checkpoint is written; use a newer torch image",
+            torch.__version__)
 
 
 def shm_allreduce_buffer(rank: int) -> str:

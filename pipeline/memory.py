@@ -88,6 +88,10 @@ class MemoryEstimate:
     ema_gib: float
     activations_gib: float
     total_gib: float
+    # evaluation and sampling build the whole plain model in fp32 on every rank (TP gathered) while
+    # the training states stay resident; the activations of training are freed by then
+    eval_model_gib: float = 0.0
+    eval_peak_gib: float = 0.0
 
 
 def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, seq_len: int, gpus: int,
@@ -111,9 +115,10 @@ def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, s
     act = activation_bytes(cfg, tensor, micro_batch, seq_len, 4 if precision == "fp32" else 2,
                            activation_checkpointing)
     total = weights + grads + optimizer + ema_bytes + act
+    eval_model = split["total"] * 4
     return MemoryEstimate(cfg.preset, split["total"], p, tensor, data, zero_stage, micro_batch, seq_len,
                           precision, weights / GIB, grads / GIB, optimizer / GIB, ema_bytes / GIB, act / GIB,
-                          total / GIB)
+                          total / GIB, eval_model / GIB, (total - act + eval_model) / GIB)
 
 
 def activation_bytes(cfg: ModelConfig, tensor: int, micro_batch: int, seq_len: int, act_bytes: int = 2,
@@ -136,7 +141,9 @@ def format_table(est: MemoryEstimate) -> str:
     head = (f"{est.preset}: {est.params_total / 1e9:.2f}B parameters, {est.params_per_gpu / 1e9:.3f}B per TP rank; "
             f"TP={est.tensor} x DP={est.data}, ZeRO-{est.zero_stage}, micro-batch {est.micro_batch} x "
             f"{est.seq_len} tokens, {est.precision}")
-    return "\n".join([head] + [f"  {name:<17}{gib:10.2f} GiB" for name, gib in rows])
+    evaluation = (f"  at evaluation: the training states plus the whole model in fp32 ({est.eval_model_gib:.2f} GiB) "
+                  f"= {est.eval_peak_gib:.2f} GiB, before evaluation activations")
+    return "\n".join([head] + [f"  {name:<17}{gib:10.2f} GiB" for name, gib in rows] + [evaluation])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,15 @@ def check_fp8(fp8: FP8Config, d_model: int, mlp_ratio: int, tokens_per_micro_bat
     ok, reason = backend_available(fp8.backend)
     if not ok:
         raise ConfigError(f"fp8.backend={fp8.backend}: {reason}")
+    if fp8.backend == "te":
+        import transformer_engine
+        from transformer_engine.common import recipe
+
+        name, _ = te_recipe_spec(fp8)
+        if not hasattr(recipe, name):
+            raise ConfigError(f"fp8.recipe={fp8.recipe} needs Transformer Engine's {name}, which TE "
+                              f"{getattr(transformer_engine, '__version__', '?')} lacks: upgrade TE or use "
+                              f"fp8.recipe=delayed")
 
 
 def check_fp8_shapes(d_model: int, mlp_ratio: int, tokens_per_micro_batch: int) -> None:

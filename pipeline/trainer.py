@@ -487,13 +487,21 @@ class Trainer:
         from .parallel import tensor_group
 
         if self.ema and self.cfg.eval.use_ema:
-            local = {n: t.cpu() for n, t in self.ema.full_state().items()}
+            local = self.ema.full_state()
         else:
             with self._gathered():
-                local = {plain_name(n): p.detach().float().cpu()
-                         for n, p in self.engine.module.state_dict().items() if torch.is_tensor(p)}
-        shards = [None] * self.tp
-        dist.all_gather_object(shards, local, group=tensor_group())
+                local = {plain_name(n): p.detach().float() for n, p in
+                         strip_extra_state(self.engine.module.state_dict()).items() if torch.is_tensor(p)}
+        # tensor by tensor on the device (the shards of one tensor have the same shape on every
+        # rank; megatron-core pads the vocabulary): the GPU holds one tensor's gather at a time,
+        # where pickled whole-shard objects took several GB of it for a large model
+        shards: list[dict] = [{} for _ in range(self.tp)]
+        for name in sorted(local):
+            mine = local[name].to(self.device).contiguous()
+            parts = [torch.empty_like(mine) for _ in range(self.tp)]
+            dist.all_gather(parts, mine, group=tensor_group())
+            for rank, part in enumerate(parts):
+                shards[rank][name] = part.cpu()
         model.load_state_dict(merge_state_dicts(shards, self.tp_layout))
         return model
 

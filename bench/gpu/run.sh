@@ -26,7 +26,7 @@ if [[ -d .gpu-wheels ]] && ! "$PY" -c "import deepspeed, torchao, webdataset, ya
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"  # ninja, for JIT ops
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# DeepSpeed JIT-builds FusedAdam; its arch parser rejects suffixed archs such as 9.0a
+# should DeepSpeed JIT-build an op here, its arch parser rejects suffixed archs such as 9.0a
 if [[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
   TORCH_CUDA_ARCH_LIST="$(sed -E 's/([0-9])a/\1/g' <<< "$TORCH_CUDA_ARCH_LIST")"
   export TORCH_CUDA_ARCH_LIST

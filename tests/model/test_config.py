@@ -41,9 +41,16 @@ def test_ar_baseline_is_the_same_backbone_without_adaln():
     assert count_parameters(mdlm) - count_parameters(ar) == adaln
 
 
-def test_presets_expand_and_explicit_keys_win():
-    cfg = model_config("mdlm-medium", d_model=512, n_heads=8)
+def test_presets_expand_and_explicit_keys_win(caplog):
+    with caplog.at_level("WARNING", logger="mdlm.config"):
+        cfg = model_config("mdlm-medium", d_model=512, n_heads=8)
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads) == (24, 512, 8)
+    # said, so a preset name overridden on the command line does not silently keep a YAML's shapes
+    assert "model.preset 'mdlm-medium' with explicit d_model=512 (preset: 1024), n_heads=8 (preset: 16)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mdlm.config"):
+        model_config("mdlm-small", n_layers=12)  # the preset's own value: nothing to say
+    assert caplog.text == ""
     assert expand_preset({"preset": "mdlm-small"})["d_model"] == PRESETS["mdlm-small"]["d_model"]
     assert expand_preset({"preset": "custom", "d_model": 64}) == {"preset": "custom", "d_model": 64}
     assert cfg.mask_token_id == cfg.vocab_size - 1 == 50257

@@ -74,6 +74,10 @@ def test_estimate_follows_the_formulas():
         for part, per_param in (("weights", 2), ("grads", 2), ("optimizer", 12)):
             expect = per_param * p / (16 if part in sharded else 1) / GIB
             assert getattr(e, f"{part}_gib") == pytest.approx(expect)
+    # evaluation builds the whole plain model in fp32 on every rank, next to the training states
+    full = parameter_split(cfg, 4)["total"]
+    assert est.eval_model_gib == pytest.approx(4 * full / GIB)
+    assert est.eval_peak_gib == pytest.approx(est.total_gib - est.activations_gib + 4 * full / GIB)
     # more tensor parallelism, fewer activation bytes per GPU; micro-batch scales them linearly
     assert estimate(cfg, 8, 3, 4, 1024, 64).activations_gib < est.activations_gib
     assert activation_bytes(cfg, 4, 8, 1024) == pytest.approx(2 * activation_bytes(cfg, 4, 4, 1024))
