@@ -31,7 +31,7 @@ from model.config import model_config  # noqa: E402
 from model.mdlm import build_model  # noqa: E402
 from model.noise import stratified_times  # noqa: E402
 from pipeline import metrics  # noqa: E402
-from pipeline.adapters import compile_blocks  # noqa: E402
+from pipeline.adapters import compile_blocks, zero3_leaf_blocks  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.precision import FP8Config, apply_fp8, te_autocast  # noqa: E402
 from pipeline.trainer import lr_lambda, make_engine, param_groups  # noqa: E402
@@ -113,6 +113,8 @@ def build(args, mode: str, device):
         apply_fp8(model, fp8)
     if args.compile:
         compile_blocks(model)
+        if mode.startswith("deepspeed") and args.zero_stage == 3:
+            zero3_leaf_blocks(model)
     context = (lambda: te_autocast(fp8)) if mode.endswith("fp8") else contextlib.nullcontext
     bf16 = args.precision == "bf16" or mode.endswith("fp8")
     if mode.startswith("deepspeed"):

@@ -21,7 +21,7 @@ from model.noise import stratified_times
 from model.tensor_parallel import strip_extra_state
 
 from . import metrics
-from .adapters import apply_activation_checkpointing, compile_blocks, plain_name
+from .adapters import apply_activation_checkpointing, compile_blocks, plain_name, zero3_leaf_blocks
 from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences, saved_run_config
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
@@ -204,6 +204,8 @@ class Trainer:
             apply_activation_checkpointing(model)
         if t.compile:
             compile_blocks(model)
+            if t.zero_stage == 3:
+                zero3_leaf_blocks(model)
         self.is_mdlm = isinstance(model, MDLM)
         if self.tp > 1:
             from model.tensor_parallel import full_parameter_counts, tp_layout
