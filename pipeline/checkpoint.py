@@ -75,6 +75,21 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     return fixed, changed
 
 
+def damaged_files(tag_dir: Path) -> list[str]:
+    """The checkpoint's torch files that are empty or truncated (a torch.save file is a zip whose
+    directory sits at its end: opening it reads only that directory, not the tensors)."""
+    import zipfile
+
+    damaged = []
+    for path in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (OSError, zipfile.BadZipFile):
+            damaged.append(path.name)
+    return damaged
+
+
 def saved_run_config(tag_dir: Path) -> dict | None:
     path = Path(tag_dir) / RUN_CONFIG
     return json.loads(path.read_text()) if path.is_file() else None
@@ -133,9 +148,10 @@ class CheckpointManager:
             dist.broadcast_object_list(tags, src=0)
         return tags[0]
 
-    def load(self, engine, which: str = "auto", check: Callable[[Path], None] | None = None) -> dict | None:
+    def load(self, engine, which: str = "auto", check: Callable[[Path], bool] | None = None) -> dict | None:
         """Load `which` ('auto' = newest complete, or a tag / path); returns the client state.
-        `check(tag_dir)` runs first and may refuse the checkpoint (it raises)."""
+        `check(tag_dir)` runs first and may refuse the checkpoint (it raises); it returns whether
+        the weights must match the model key for key (False lets FP8 scaling state differ)."""
         if which == "auto":
             candidates = self._newest_first()
             if not candidates:
@@ -148,10 +164,18 @@ class CheckpointManager:
                 raise FileNotFoundError(f"checkpoint '{which}' is missing or incomplete (no {COMPLETE} marker)")
             self.root, candidates = root, [tag]
         for i, tag in enumerate(candidates):
-            if check is not None:
-                check(self.root / tag)
+            strict = check(self.root / tag) if check is not None else True
+            # files are checked before any rank starts DeepSpeed's load: under ZeRO-3 that load
+            # ends in collectives, which a rank that failed half-way would never join
+            damaged = damaged_files(self.root / tag)
+            if not all_ranks_agree(not damaged, self.device):
+                log.warning("checkpoint %s could not be loaded (%s)", self.root / tag,
+                            f"unreadable: {', '.join(damaged)}" if damaged else "a file is unreadable on another rank")
+                if which != "auto":
+                    raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
+                continue
             try:
-                load_path, client_state = engine.load_checkpoint(str(self.root), tag=tag)
+                load_path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=strict)
             except Exception as err:
                 load_path, client_state = None, None
                 log.warning("checkpoint %s could not be loaded on rank %d (%s)", self.root / tag, self.rank, err)

@@ -68,7 +68,11 @@ def _warn_if_shutdown_timeout_ignored() -> None:
 
     from torch.distributed.launcher import api
 
-    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in inspect.getsource(api):
+    try:
+        source = inspect.getsource(api)
+    except (OSError, TypeError):  # an install without source files: nothing to tell
+        return
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in source:
         logging.getLogger("mdlm.distributed").warning(
             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT is set but torch %s's torchrun ignores it: after SIGTERM the ranks "
             "are killed within 30 s, possibly before their checkpoint is written; use a newer torch image",

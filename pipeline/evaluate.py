@@ -180,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         config = checkpoint_run_config(ckpt)
         data = args.data or config["data"]["path"]
         manifest = load_manifest(data)
-        trained_on, _ = training_data(ckpt, config["data"]["path"] if Path(config["data"]["path"]).is_dir() else data)
-        warnings = check_same_tokenizer(ckpt, trained_on, data, manifest)
+        try:
+            trained_on, _ = training_data(ckpt, config["data"]["path"])
+            warnings = check_same_tokenizer(ckpt, trained_on, data, manifest)
+        except FileNotFoundError:  # an older checkpoint whose training data has moved
+            warnings = [f"{ckpt} holds no copy of its training data's manifest and its data.path "
+                        f"'{config['data']['path']}' is gone: the tokenizer of '{data}' could not be checked"]
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     for warning in warnings:

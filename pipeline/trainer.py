@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from model.tensor_parallel import strip_extra_state
 
 from . import metrics
 from .adapters import apply_activation_checkpointing, compile_blocks, plain_name, zero3_leaf_blocks
-from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences, saved_run_config
+from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
 from .data import ShardStream, batches, load_manifest
@@ -143,8 +144,10 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
     else:
         optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda", **hyper)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # DeepSpeed would otherwise bind LOCAL_RANK's GPU itself: wrong where each task sees one GPU
+    args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config, dist_init_required=False, mpu=mpu)
     if cfg.train.precision == "bf16-mixed" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
         raise ConfigError(f"train.precision=bf16-mixed needs DeepSpeed's torch_autocast (deepspeed "
@@ -235,6 +238,7 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self.mlflow_run_id: str | None = None
+        self._saved_step: int | None = None  # the step of the newest checkpoint this run holds
         if resume:
             self._restore(self.checkpoints.load(self.engine, resume, check=self._check_resumable))
         if self.rank == 0:  # the resolved config of this start, with or without MLflow
@@ -341,21 +345,36 @@ class Trainer:
             "parallel": {"tensor": self.tp, "data": self.dp_world, "layout": self.tp_layout},
         }
 
-    def _check_resumable(self, tag_dir: Path) -> None:
-        saved = saved_run_config(tag_dir)
-        if saved is None:  # written before checkpoints carried their config
-            return
+    def _check_resumable(self, tag_dir: Path) -> bool:
+        """Refuse a checkpoint this config cannot continue; True when its weights must match the
+        model key for key (Transformer Engine's FP8 scaling state exists on one side only when
+        switching between bf16 and fp8.backend=te)."""
+        from .inference import checkpoint_run_config
+
+        try:  # older checkpoints keep the config inside their model states only
+            saved = checkpoint_run_config(tag_dir)
+        except Exception:  # unreadable: the file check that follows reports it
+            return True
         fixed, changed = config_differences(saved, to_dict(self.cfg))
+        partitions = len(list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        if self.cfg.train.zero_stage >= 1 and partitions and partitions != self.dp_world:
+            # DeepSpeed cannot re-partition ZeRO optimizer states over another number of ranks
+            fixed.append(f"ZeRO optimizer states partitioned over {partitions} data-parallel ranks -> "
+                         f"{self.dp_world} (resume with {partitions} data-parallel ranks)")
         if fixed:
             raise ConfigError(f"checkpoint {tag_dir} cannot be resumed with this config: "
                               f"{'; '.join(fixed)}. Resume with the checkpoint's settings, or start a new run_dir")
         if changed and self.rank == 0:
             log.warning("resuming %s with settings that differ from the checkpoint's: %s", tag_dir, "; ".join(changed))
 
+        def te(config: dict) -> bool:
+            return config.get("train", {}).get("precision") == "fp8" and config.get("fp8", {}).get("backend") == "te"
+        return te(saved) == te(to_dict(self.cfg))
+
     def _restore(self, state: dict | None) -> None:
         if not state:
             return
-        self.step = int(state["step"])
+        self.step = self._saved_step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.mlflow_run_id = state.get("mlflow_run_id")
@@ -374,6 +393,7 @@ class Trainer:
             log.info("resumed at step %d (%d tokens seen)", self.step, self.tokens_seen)
 
     def save(self) -> Path:
+        self._saved_step = self.step
         data = Path(self.cfg.data.path)
         path = self.checkpoints.save(self.engine, self.step, self.client_state(), attach={
             DATA_MANIFEST: data / "manifest.json", "tokenizer": data / "tokenizer"})
@@ -577,11 +597,12 @@ class Trainer:
             if self._stop_requested():
                 if self.rank == 0:
                     log.warning("stop signal received: saving a checkpoint at step %d and exiting", self.step)
-                self.save()
+                if self._saved_step != self.step:  # not twice in the grace period
+                    self.save()
                 summary["stopped_by_signal"] = True
                 return summary
-        if self.step > start_step or not self.checkpoints.is_complete(self.step):
-            self.save()  # (a resume of a finished run trains nothing and keeps its last checkpoint)
+        if self._saved_step != self.step:  # (a resume of a finished run keeps its last checkpoint)
+            self.save()
         summary.update(self.finish())
         return summary
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-from .conftest import ROOT, logged_losses, run_single
+from .conftest import ROOT, launch_train, logged_losses, run_single
 
 FAST = ("tracking.enabled=false", "train.log_every=1", "eval.max_batches=1", "sample.num_samples=1",
         "sample.steps=4")
@@ -106,6 +106,10 @@ def test_a_used_run_dir_needs_resume_and_a_resume_keeps_the_model(markov_data, t
     assert other.returncode == 2, other.stderr[-2000:]
     assert "cannot be resumed with this config: model.n_layers: 2 -> 3" in other.stderr
     assert "could not be loaded" not in other.stdout + other.stderr
+    # so is another data-parallel size: DeepSpeed cannot re-partition ZeRO optimizer states
+    wider = launch_train(tmp_path, markov_data, *FAST, "train.max_steps=6", resume="auto", check=False)
+    assert wider.returncode != 0
+    assert "ZeRO optimizer states partitioned over 1 data-parallel ranks -> 2" in wider.stdout + wider.stderr
     # other changes are allowed and named; a finished run resumed at its last step trains nothing
     # and keeps that checkpoint as it is
     done = run_single(tmp_path, markov_data, *FAST, "train.max_steps=4", "optim.lr=0.001", resume="auto")
