@@ -94,6 +94,10 @@ class Tracker:
                 self._queue.popleft()
                 self._cond.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     def flush(self, timeout_s: float = 60.0) -> bool:
         """Wait until every queued call is delivered (True) or the timeout passes (False)."""
         deadline = time.time() + timeout_s

@@ -272,9 +272,12 @@ class Trainer:
         return MegatronTPLayers(use_te=use_te)
 
     def close(self) -> None:
-        """Leave the process groups (megatron-core's, then torch's) together with every rank."""
+        """Deliver what MLflow still has queued (a run stopped by a signal skips finish()), then
+        leave the process groups (megatron-core's, then torch's) together with every rank."""
         from .distributed import shutdown_distributed
 
+        if self.tracker is not None and not self.tracker.closed and not self.tracker.flush(60.0):
+            log.warning("MLflow: tracking calls still queued at exit were not delivered to %s", self.tracker.uri)
         if self.tp > 1:
             from .parallel import destroy
 
