@@ -33,11 +33,12 @@ def one_process(markov_data, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("stage,ds_config", [(2, ""), (3, ""), (3, "configs/deepspeed/zero3_offload.json")],
-                         ids=["zero2", "zero3", "zero3-offload"])
-def test_two_processes_match_one(markov_data, tmp_path, one_process, stage, ds_config):
+@pytest.mark.parametrize("stage,extra", [
+    (2, ()), (3, ()), (3, ("train.deepspeed_config=configs/deepspeed/zero3_offload.json",)),
+    (3, ("train.compile=true",)),  # compiled blocks as ZeRO-3 leaf modules: gradients reduced per block
+], ids=["zero2", "zero3", "zero3-offload", "zero3-compile"])
+def test_two_processes_match_one(markov_data, tmp_path, one_process, stage, extra):
     shm_before = deepspeed_shm_segments()
-    extra = (f"train.deepspeed_config={ds_config}",) if ds_config else ()
     out = launch_train(tmp_path, markov_data, *COMMON, f"train.zero_stage={stage}", *extra)  # 2 ranks x 4
     # DeepSpeed's CPU all-reduce segments (~69 MB of RAM per rank) do not outlive the run
     assert deepspeed_shm_segments() - shm_before == set()
