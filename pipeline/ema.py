@@ -4,7 +4,7 @@
   is not one we know).
 - `PartitionedEMA` (ZeRO-1/2): the fp32 EMA of this rank's partition of the optimizer's fp32
   master weights, updated without communication: 4 bytes per parameter / data-parallel size.
-- `ShardedEMA` (ZeRO-3): the same over each parameter's `ds_tensor` partition.
+- `ShardedEMA` (ZeRO-3): the same per parameter, over its partition of the fp32 master weights.
 
 Every kind hands out whole tensors by plain parameter name (`full_state`), collectively where it
 is partitioned, and checkpoints the whole EMA from the data-parallel group's rank 0, so
@@ -42,29 +42,38 @@ def _comm_device(group) -> torch.device:
 
 
 class EMA:
-    """fp32 exponential moving average of the parameters (by name), kept whole on every rank."""
+    """fp32 exponential moving average of the parameters (by name), kept whole on every rank. With
+    bf16 weights under ZeRO-0 it follows the optimizer's fp32 master copy (`masters`), since the
+    bf16 weights round away updates smaller than their precision, which a slow EMA never sees."""
 
     collective = False
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, masters: dict | None = None):
         self.decay, self.module = decay, module
+        self.masters = masters   # plain name -> () -> the parameter's fp32 master tensor
         self.reset()
+
+    def _sources(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        if self.masters is not None:
+            return {n: get() for n, get in self.masters.items()}
+        return {plain_name(n): p.detach() for n, p in module.named_parameters()}
 
     @torch.no_grad()
     def reset(self) -> None:
         """Start (again) from the current weights."""
-        self.shadow = {plain_name(n): p.detach().float().clone() for n, p in self.module.named_parameters()}
+        self.shadow = {n: t.float().clone() for n, t in self._sources(self.module).items()}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        for n, p in module.named_parameters():
-            self.shadow[plain_name(n)].lerp_(p.detach().float(), 1.0 - self.decay)
+        for n, t in self._sources(module).items():
+            self.shadow[n].lerp_(t.float(), 1.0 - self.decay)
 
     def full_state(self) -> dict:
         return self.shadow
 
     def describe(self) -> str:
-        return f"whole on every rank ({sum(t.numel() for t in self.shadow.values()):,} fp32 values)"
+        source = ", following the fp32 master weights" if self.masters is not None else ""
+        return f"whole on every rank{source} ({sum(t.numel() for t in self.shadow.values()):,} fp32 values)"
 
     def state_dict(self) -> dict:
         return {n: t.cpu() for n, t in self.shadow.items()}
@@ -81,38 +90,72 @@ class EMA:
 
 
 class ShardedEMA:
-    """ZeRO-3: the fp32 EMA of this rank's partition of each parameter (`p.ds_tensor`), updated
-    without communication. Whole tensors are assembled (collectively, one parameter at a time)
-    only for evaluation and checkpoints, so the EMA costs 4 bytes per parameter / data-parallel
-    size instead of a full gathered copy per step. ZeRO-3 splits each flattened parameter into
-    equal, padded partitions over `p.ds_process_group`, rank r holding elements [r * n, (r + 1) * n)."""
+    """ZeRO-3: the fp32 EMA of this rank's partition of each parameter, updated without
+    communication. It follows the optimizer's fp32 master partition of the parameter (the bf16
+    `p.ds_tensor` partition rounds away updates smaller than its precision, which a slow EMA then
+    never sees), or `p.ds_tensor` where the optimizer keeps no fp32 copy in memory (NVMe swap).
+    Whole tensors are assembled (collectively, one parameter at a time) only for evaluation and
+    checkpoints, so the EMA costs 4 bytes per parameter / data-parallel size instead of a full
+    gathered copy per step. ZeRO-3 splits each flattened parameter into equal, padded partitions
+    over `p.ds_process_group`, rank r holding elements [r * n, (r + 1) * n)."""
 
     collective = True
 
-    def __init__(self, module: torch.nn.Module, decay: float, group):
-        self.decay, self.group = decay, group
+    def __init__(self, module: torch.nn.Module, decay: float, group, optimizer=None):
+        self.decay, self.group, self.optimizer = decay, group, optimizer
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.params = [(plain_name(n), p) for n, p in module.named_parameters()]
         for n, p in self.params:
             if p.ds_process_group is not group and dist.get_world_size(p.ds_process_group) != self.size:
                 raise ConfigError(f"train.ema under ZeRO-3 expects every parameter partitioned over the "
                                   f"data-parallel group ({n} is not: MiCS / hpZ are not supported)")
+        self.follows_master = self._masters() is not None
+        if not self.follows_master:
+            log.warning("the ZeRO-3 EMA follows the bf16 weight partitions: the optimizer keeps no fp32 "
+                        "master copy in memory in the expected layout")
         self.reset()
         self.comm_device = _comm_device(group)
 
+    def _masters(self) -> list[torch.Tensor] | None:
+        """Each parameter's slice of the optimizer's fp32 master partition (DeepSpeed keeps one flat
+        fp32 buffer per sub-group, parameters at `grad_position` offsets), looked up afresh each
+        time because DeepSpeed may rebind the buffers (checkpoint load, offload_states)."""
+        try:
+            flats, positions = self.optimizer.fp32_partitioned_groups_flat, self.optimizer.grad_position
+            out = []
+            for _, p in self.params:
+                group, offset, numel = positions[self.optimizer.get_param_id(p)]
+                flat = flats[group]
+                if numel != p.ds_tensor.numel() or offset + numel > flat.numel() or not flat.is_floating_point():
+                    return None
+                out.append(flat.narrow(0, offset, numel))
+            return out
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None
+
+    def _sources(self) -> list[torch.Tensor]:
+        masters = self._masters() if self.follows_master else None
+        if masters is None:
+            return [p.ds_tensor.detach() for _, p in self.params]
+        return masters
+
     @torch.no_grad()
     def reset(self) -> None:
-        """Start (again) from the current weights."""
-        self.shards = {n: p.ds_tensor.detach().float().clone() for n, p in self.params}
+        """Start (again) from the current weights. Under offload_optimizer the masters live on the
+        CPU, and so does the EMA."""
+        self.shards = {n: src.detach().float().clone() for (n, _), src in zip(self.params, self._sources())}
 
     def describe(self) -> str:
-        return (f"partitioned like the ZeRO-3 weights over {self.size} data-parallel ranks "
-                f"({sum(s.numel() for s in self.shards.values()):,} fp32 values on this rank)")
+        source = "fp32 master" if self.follows_master else "bf16 weight"
+        return (f"partitioned like the ZeRO-3 weights over {self.size} data-parallel ranks, following "
+                f"their {source} partitions ({sum(s.numel() for s in self.shards.values()):,} fp32 "
+                f"values on this rank)")
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module | None = None) -> None:
-        for n, p in self.params:
-            self.shards[n].lerp_(p.ds_tensor.detach().float(), 1.0 - self.decay)
+        for (n, _), src in zip(self.params, self._sources()):
+            shard = self.shards[n]
+            shard.lerp_(src.detach().to(shard.device, torch.float32), 1.0 - self.decay)
 
     @torch.no_grad()
     def full_state(self, everywhere: bool = True) -> dict | None:
@@ -157,6 +200,10 @@ class ShardedEMA:
             shard.zero_()[:part.numel()].copy_(part)
 
 
+# (flat bit16 buffer per group, its parameters, this rank's fp32 master partition per group)
+ZERO_LAYOUTS = (("bit16_groups_flat", "bit16_groups", "single_partition_of_fp32_groups"),
+                ("bf16_groups_flat", "bf16_groups", "fp32_groups_flat_partition"))
+
 
 class PartitionedEMA:
     """ZeRO-1/2: the fp32 EMA of this rank's partition of the optimizer's fp32 master weights.
@@ -167,25 +214,31 @@ class PartitionedEMA:
     (`single_partition_of_fp32_groups[i]`). The EMA follows that partition after every step; a
     parameter's place in the flat buffer is read from its storage, so no particular ordering of the
     parameters is assumed, and an optimizer that does not look like this is refused (`make_ema`
-    then keeps the whole EMA)."""
+    then keeps the whole EMA). DeepSpeed's BF16_Optimizer (ZeRO-1 with fp32 gradient
+    accumulation) keeps the same layout under other names (`ZERO_LAYOUTS`)."""
 
     collective = True
 
     def __init__(self, module: torch.nn.Module, optimizer, decay: float):
         self.decay, self.optimizer = decay, optimizer
+        layout_names = next((names for names in ZERO_LAYOUTS if all(hasattr(optimizer, a) for a in names)), None)
+        if layout_names is None:
+            raise ValueError(f"{type(optimizer).__name__} has none of the known flat-buffer layouts")
+        flat_attr, params_attr, self.master_attr = layout_names
+        flats, bit16_groups = getattr(optimizer, flat_attr), getattr(optimizer, params_attr)
         names = {id(p): plain_name(n) for n, p in module.named_parameters()}
         self.groups = []   # (process group, rank, size, partition numel, [(offset, numel, name, shape)] by offset)
         covered = set()
-        for i, flat in enumerate(optimizer.bit16_groups_flat):
+        for i, flat in enumerate(flats):
             group = optimizer.real_dp_process_group[i]
             rank, size = dist.get_rank(group), dist.get_world_size(group)
-            master = optimizer.single_partition_of_fp32_groups[i]
+            master = self._masters()[i]
             part = flat.numel() // size
             if flat.numel() % size or master.numel() != part:
                 raise ValueError(f"parameter group {i}: {flat.numel()} flat elements do not split into "
                                  f"{size} partitions of {master.numel()}")
             layout = []
-            for p in optimizer.bit16_groups[i]:
+            for p in bit16_groups[i]:
                 offset, rem = divmod(p.data_ptr() - flat.data_ptr(), flat.element_size())
                 if rem or not 0 <= offset <= flat.numel() - p.numel() or id(p) not in names:
                     raise ValueError(f"parameter group {i}: a parameter is not a view into the flat buffer")
@@ -202,7 +255,10 @@ class PartitionedEMA:
     def reset(self) -> None:
         """Start (again) from the current fp32 master weights. Under offload_optimizer they live
         on the CPU, and so does the EMA (its update then costs a CPU pass over the partition)."""
-        self.shards = [m.detach().float().clone() for m in self.optimizer.single_partition_of_fp32_groups]
+        self.shards = [m.detach().float().clone() for m in self._masters()]
+
+    def _masters(self) -> list[torch.Tensor]:
+        return getattr(self.optimizer, self.master_attr)
 
     def describe(self) -> str:
         return (f"partitioned like the ZeRO optimizer states over {self.groups[0][2]} data-parallel ranks "
@@ -210,7 +266,7 @@ class PartitionedEMA:
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module | None = None) -> None:
-        for shard, master in zip(self.shards, self.optimizer.single_partition_of_fp32_groups):
+        for shard, master in zip(self.shards, self._masters()):
             shard.lerp_(master.detach().float(), 1.0 - self.decay)
 
     @staticmethod
@@ -280,14 +336,43 @@ class PartitionedEMA:
                 shard[s - lo:e - lo] = values.to(shard.device, torch.float32)
 
 
+def whole_masters(module: torch.nn.Module, optimizer) -> dict | None:
+    """ZeRO-0 with bf16 weights: each parameter's fp32 master tensor in DeepSpeed's FP16_Optimizer
+    (one flat fp32 buffer per group) or FP16_UnfusedOptimizer (one fp32 copy per parameter), by
+    plain name, as a function looked up afresh (a checkpoint load may rebind the tensors); None
+    where the optimizer keeps no such copy (fp32 weights) or its layout is not a known one."""
+    names = {id(p): plain_name(n) for n, p in module.named_parameters()}
+    groups = getattr(optimizer, "fp16_groups", None)
+    masters = {}
+    if groups is not None and hasattr(optimizer, "fp32_groups_flat"):
+        for i, (flat16, params) in enumerate(zip(optimizer.fp16_groups_flat, groups)):
+            for p in params:
+                offset, rem = divmod(p.data_ptr() - flat16.data_ptr(), flat16.element_size())
+                if rem or not 0 <= offset <= flat16.numel() - p.numel() or id(p) not in names:
+                    return None
+                masters[names[id(p)]] = (lambda i=i, o=offset, k=p.numel(), shape=p.shape:
+                                         optimizer.fp32_groups_flat[i].narrow(0, o, k).view(shape))
+    elif groups is not None and hasattr(optimizer, "fp32_groups"):
+        for i, params in enumerate(groups):
+            for j, p in enumerate(params):
+                if id(p) not in names or optimizer.fp32_groups[i][j].shape != p.shape:
+                    return None
+                masters[names[id(p)]] = lambda i=i, j=j: optimizer.fp32_groups[i][j]
+    return masters if masters and set(masters) == set(names.values()) else None
+
+
 def make_ema(engine, zero_stage: int, decay: float):
     """The EMA that matches how `engine` keeps the weights."""
     if zero_stage == 3:
-        return ShardedEMA(engine.module, decay, engine.optimizer.dp_process_group)
-    if zero_stage in (1, 2) and hasattr(engine.optimizer, "single_partition_of_fp32_groups"):
+        return ShardedEMA(engine.module, decay, engine.optimizer.dp_process_group, engine.optimizer)
+    if zero_stage in (1, 2):
         try:
             return PartitionedEMA(engine.module, engine.optimizer, decay)
         except (AttributeError, ValueError) as err:  # a DeepSpeed whose layout differs
             log.warning("EMA kept whole on every rank: the ZeRO-%d optimizer's layout is not the "
                         "expected one (%s)", zero_stage, err)
-    return EMA(engine.module, decay)
+    masters = whole_masters(engine.module, engine.optimizer)
+    if masters is None and any(p.dtype != torch.float32 for p in engine.module.parameters()):
+        log.warning("the EMA follows the %s weights: the optimizer's fp32 master copy is not in a known layout",
+                    next(p.dtype for p in engine.module.parameters() if p.dtype != torch.float32))
+    return EMA(engine.module, decay, masters)

@@ -1,7 +1,8 @@
 """PartitionedEMA's bookkeeping over 2 real gloo processes, with a stand-in for DeepSpeed's ZeRO-1/2
 optimizer layout (flat buffers with alignment padding, parameters as views into them, an fp32
 master partition per rank) and a gather slice small enough that parameters straddle slices and
-partitions. End-to-end runs with real DeepSpeed engines are in test_zero_equivalence.py."""
+partitions; and, with real DeepSpeed bf16 engines at ZeRO 0-3, that every EMA kind follows the fp32
+master weights. End-to-end training runs are in test_zero_equivalence.py."""
 from __future__ import annotations
 
 import os
@@ -126,3 +127,89 @@ def test_a_checkpoint_ema_that_does_not_match_is_refused():
     finally:
         dist.destroy_process_group()
 
+
+
+# name -> (ZeRO stage, extra DeepSpeed config, DeepSpeed's optimizer wrapper, how the EMA describes itself)
+BF16_ENGINES = {
+    "zero0": (0, {}, "FP16_UnfusedOptimizer", "whole on every rank, following the fp32 master weights"),
+    "zero1-fp32-accumulation": (1, {"data_types": {"grad_accum_dtype": "fp32"}}, "BF16_Optimizer",
+                                "partitioned like the ZeRO optimizer states over 2"),
+    "zero2": (2, {}, "DeepSpeedZeroOptimizer", "partitioned like the ZeRO optimizer states over 2"),
+    "zero3": (3, {}, "DeepSpeedZeroOptimizer_Stage3", "following their fp32 master partitions"),
+}
+
+
+def bf16_engines_worker(rank: int, size: int, port: int, queue):
+    """Real DeepSpeed engines with bf16 weights: the EMA must follow the optimizer's fp32 master
+    weights, not their bf16 copies, whose rounding swallows updates smaller than bf16's precision."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pipeline.ema import make_ema
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(size))
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        results = {}
+        for kind, (stage, extra, *_) in BF16_ENGINES.items():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16))
+            config = {"train_batch_size": 2 * size, "train_micro_batch_size_per_gpu": 2,
+                      "bf16": {"enabled": True}, "zero_optimization": {"stage": stage}, **extra}
+            # lr 1e-4: most updates are below bf16's resolution of the weights (~4e-4 at 0.1)
+            engine, *_ = deepspeed.initialize(model=model, config=config,
+                                              optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4))
+            ema = make_ema(engine, stage, decay=0.5)
+            params = list(engine.module.named_parameters())
+
+            def gathered(bf16: bool) -> dict:
+                if bf16 and stage == 3:
+                    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                        return {n: p.detach().float().clone() for n, p in params}
+                if bf16:
+                    return {n: p.detach().float().clone() for n, p in params}
+                if stage == 0:  # FP16_UnfusedOptimizer: fp32 copies in parameter order
+                    return {n: m.detach().clone() for (n, _), m in zip(params, engine.optimizer.fp32_groups[0])}
+                return {n: safe_get_full_fp32_param(p).detach().float().clone() for n, p in params}
+
+            fp32_ref, bf16_ref = gathered(False), gathered(True)
+            g = torch.Generator().manual_seed(rank)
+            for _ in range(6):
+                x = torch.randn(2, 16, generator=g).to(torch.bfloat16)
+                engine.backward(engine(x).float().pow(2).mean())
+                engine.step()
+                ema.update(engine.module)
+                for ref, now in ((fp32_ref, gathered(False)), (bf16_ref, gathered(True))):
+                    for n in ref:
+                        ref[n].lerp_(now[n], 0.5)
+            whole = ema.full_state()
+            results[kind] = (type(engine.optimizer).__name__, ema.describe(), sorted(whole),
+                             {name: max((whole[n].float() - ref[n]).abs().max().item() for n in ref)
+                              for name, ref in (("fp32", fp32_ref), ("bf16", bf16_ref))})
+        queue.put((rank, results))  # plain values: the process exits next
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_follows_the_fp32_master_weights_of_bf16_engines():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=bf16_engines_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=420) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, by_kind in results:
+        assert sorted(by_kind) == sorted(BF16_ENGINES)
+        for kind, (wrapper, described, names, worst) in by_kind.items():
+            print(f"rank {rank} {kind}: EMA vs fp32 masters {worst['fp32']:.1e}, vs bf16 weights {worst['bf16']:.1e}")
+            assert wrapper == BF16_ENGINES[kind][2]
+            assert BF16_ENGINES[kind][3] in described, (kind, described)
+            assert names == ["0.bias", "0.weight", "2.bias", "2.weight"]
+            assert worst["fp32"] <= 1e-7, (kind, worst)
+            # the bf16 copies really lose what the masters keep, so following them would be caught here
+            assert worst["bf16"] > 1e-5, (kind, worst)
