@@ -155,7 +155,8 @@ def build(args, mode: str, device):
 
 def measure(args, mode: str, device) -> dict:
     model, step = build(args, mode, device)
-    flops_tok = metrics.model_flops_per_token(model.cfg, metrics.matmul_params(model), args.seq_len)
+    flops_tok = metrics.model_flops_per_token(model.cfg, metrics.matmul_params(model), args.seq_len,
+                                              metrics.conditioning_params(model))
     data = batch_source(args, model.cfg.vocab_size, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":

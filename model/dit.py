@@ -173,6 +173,13 @@ class DiT(nn.Module):
         return self.final(x, cond, index // tokens.shape[1]).float()
 
 
+def is_conditioning(module_name: str) -> bool:
+    """Whether the DiT module of that qualified name runs once per sequence, on its timestep
+    (the timestep MLP and every adaLN projection), rather than on every token."""
+    parts = module_name.split(".")
+    return "sigma_map" in parts or "adaLN" in parts
+
+
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
     """All parameters of `model` (a DiT or a model wrapping one); non_embedding drops the input
     embedding table (a lookup, not a matmul)."""

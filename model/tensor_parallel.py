@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .dit import is_conditioning
 from .layers import LayerFactory
 
 COLUMN_ROLES = ("attn_qkv", "mlp_in", "output")
@@ -311,11 +312,12 @@ class MegatronTPLayers(LayerFactory):
         return self._fill(layer, ref, {"weight": _spec(0, 1, num_embeddings)})
 
 
-def full_parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, matmul weights) of the plain model that a TP shard `model` belongs to:
-    what count_parameters / metrics.matmul_params report for the TP=1 model."""
+def full_parameter_counts(model: nn.Module) -> tuple[int, int, int]:
+    """(all parameters, per-token matmul weights, conditioning weights) of the plain model that a
+    TP shard `model` belongs to: what count_parameters / metrics.matmul_params /
+    metrics.conditioning_params report for the TP=1 model."""
     layout = tp_layout(model)
-    total = matmul = 0
+    total = matmul = conditioning = 0
     for name, p in model.named_parameters():
         n = p.numel()
         if name in layout:
@@ -324,8 +326,14 @@ def full_parameter_counts(model: nn.Module) -> tuple[int, int]:
         total += n
     for mod_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            matmul += module.weight.numel()
+            n = module.weight.numel()
         elif getattr(module, "tp_specs", None) and not hasattr(module, "num_embeddings_per_partition"):
             spec = module.tp_specs["weight"]
-            matmul += module.weight.numel() // module.weight.shape[spec["dim"]] * spec["size"]
-    return total, matmul
+            n = module.weight.numel() // module.weight.shape[spec["dim"]] * spec["size"]
+        else:
+            continue
+        if is_conditioning(mod_name):
+            conditioning += n
+        else:
+            matmul += n
+    return total, matmul, conditioning

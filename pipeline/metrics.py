@@ -1,10 +1,12 @@
 """Training FLOPs, MFU and memory.
 
-FLOPs per trained token = 6 * (N - H) + 6 * H * f + 12 * n_layers * d_model * seq_len, where N
-counts every matmul weight (all block projections, adaLN and the output head, but not the input
-embedding, which is a lookup), H is the output head's weight count and f the fraction of tokens
-the head runs on, and the last term is attention scores and values (QK^T and AV, 2 matmuls of
-2*L*d FLOPs each per token forward, x3 for forward+backward). MDLM attention is bidirectional,
+FLOPs per trained token = 6 * (N - H) + 6 * H * f + 6 * C / seq_len + 12 * n_layers * d_model *
+seq_len, where N counts the matmul weights applied to every token (block projections and the
+output head, not the input embedding, which is a lookup), H is the output head's weight count and
+f the fraction of tokens the head runs on, C counts the conditioning weights (the timestep MLP and
+every adaLN projection), which run once per sequence on its timestep embedding, and the last term
+is attention scores and values (QK^T and AV, 2 matmuls of 2*L*d FLOPs each per token forward, x3
+for forward+backward). MDLM attention is bidirectional,
 so it is counted in full (no causal halving); we count AR the same way so the two compare.
 MDLM computes logits at masked positions only (model.masked_logits_only), so f is the expected
 mask rate E[m(t)] over the training times (0.5 for log-linear): FLOPs that are not computed are
@@ -19,18 +21,21 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.dit import is_conditioning
 from model.noise import make_schedule
 
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "A5000": 111.0}
 
 
 def matmul_params(model: nn.Module) -> int:
-    """Parameters that take part in matmuls: everything except embedding tables, norms, biases."""
-    total = 0
-    for module in model.modules():
-        if is_linear(module):
-            total += module.weight.numel()
-    return total
+    """Weights of the matmuls applied to every token: every linear layer except the conditioning
+    ones (embedding tables, norms and biases are no matmul weights)."""
+    return sum(m.weight.numel() for n, m in model.named_modules() if is_linear(m) and not is_conditioning(n))
+
+
+def conditioning_params(model: nn.Module) -> int:
+    """Weights of the linear layers that run once per sequence, on its timestep embedding."""
+    return sum(m.weight.numel() for n, m in model.named_modules() if is_linear(m) and is_conditioning(n))
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -44,9 +49,9 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def flops_per_token(n_matmul_params: int, n_layers: int, d_model: int, seq_len: int,
-                    head_params: int = 0, head_fraction: float = 1.0) -> float:
+                    head_params: int = 0, head_fraction: float = 1.0, conditioning: int = 0) -> float:
     return (6.0 * (n_matmul_params - head_params) + 6.0 * head_params * head_fraction
-            + 12.0 * n_layers * d_model * seq_len)
+            + 6.0 * conditioning / seq_len + 12.0 * n_layers * d_model * seq_len)
 
 
 def head_token_fraction(cfg: ModelConfig) -> float:
@@ -56,11 +61,11 @@ def head_token_fraction(cfg: ModelConfig) -> float:
     return make_schedule(cfg.noise_schedule, cfg.noise_eps).mean_mask_prob(cfg.noise_eps)
 
 
-def model_flops_per_token(cfg: ModelConfig, n_matmul_params: int, seq_len: int) -> float:
-    """flops_per_token for a DiT of `cfg` whose matmul weights (full, not per TP rank) number
-    `n_matmul_params`; the head is d_model x vocab_size."""
+def model_flops_per_token(cfg: ModelConfig, n_matmul_params: int, seq_len: int, conditioning: int = 0) -> float:
+    """flops_per_token for a DiT of `cfg` whose per-token matmul weights (full, not per TP rank)
+    number `n_matmul_params` and conditioning weights `conditioning`; the head is d_model x vocab_size."""
     return flops_per_token(n_matmul_params, cfg.n_layers, cfg.d_model, seq_len,
-                           cfg.d_model * cfg.vocab_size, head_token_fraction(cfg))
+                           cfg.d_model * cfg.vocab_size, head_token_fraction(cfg), conditioning)
 
 
 def peak_flops(device: torch.device) -> float | None:

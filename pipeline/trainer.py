@@ -214,10 +214,11 @@ class Trainer:
             from model.tensor_parallel import full_parameter_counts, tp_layout
 
             self.tp_layout = tp_layout(model)
-            self.n_params, n_matmul = full_parameter_counts(model)
+            self.n_params, n_matmul, n_conditioning = full_parameter_counts(model)
         else:
-            self.tp_layout, self.n_params, n_matmul = {}, count_parameters(model), metrics.matmul_params(model)
-        self.flops_per_token = metrics.model_flops_per_token(cfg.model, n_matmul, self.seq_len)
+            self.tp_layout, self.n_params = {}, count_parameters(model)
+            n_matmul, n_conditioning = metrics.matmul_params(model), metrics.conditioning_params(model)
+        self.flops_per_token = metrics.model_flops_per_token(cfg.model, n_matmul, self.seq_len, n_conditioning)
         # megatron-core's TE layers reuse their FP8 weight copies after a forward with
         # is_first_microbatch=True and reset it only from Megatron's own schedule: set it at each
         # step's first micro-batch, or the blocks would compute with the first step's weights forever

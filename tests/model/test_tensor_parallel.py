@@ -61,7 +61,9 @@ def _worker(rank: int, world: int, port: int, results):
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
-    from model.tensor_parallel import MegatronTPLayers, tp_layout
+    from model.dit import count_parameters
+    from model.tensor_parallel import MegatronTPLayers, full_parameter_counts, tp_layout
+    from pipeline import metrics
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     try:
@@ -72,6 +74,9 @@ def _worker(rank: int, world: int, port: int, results):
         tp = MDLM(cfg, MegatronTPLayers())
         layout = tp_layout(tp)
         out = {"layout": sorted(layout)}
+        # the FLOPs formula counts the whole model's weights from any shard
+        out["counts"] = (full_parameter_counts(tp), (count_parameters(plain), metrics.matmul_params(plain),
+                                                     metrics.conditioning_params(plain)))
         # 1. same seed -> this rank's shard of the plain initialisation
         expect = shard_state_dict(plain.state_dict(), layout, rank, world)
         got = {k: v for k, v in tp.state_dict().items() if not k.endswith("_extra_state")}
@@ -131,6 +136,8 @@ def test_tp2_matches_tp1_forward_backward():
         assert out["logits_err"] < FWD_TOL, out["logits_err"]
         assert out["grad_err"] < GRAD_TOL, out["grad_err"]
         assert out["replicated_same"]
+        from_shard, plain_counts = out["counts"]
+        assert from_shard == plain_counts and plain_counts[2] > 0
         print(f"rank {rank}: loss {ref:.6f} vs {got:.6f}, logits rel err {out['logits_err']:.1e}, "
               f"grad rel err {out['grad_err']:.1e}")
     layout = results[0]["layout"]

@@ -13,15 +13,43 @@ from pipeline import metrics
 def test_flops_formula_for_the_small_preset():
     with torch.device("meta"):
         model = build_model(model_config("mdlm-small"))
-    n = metrics.matmul_params(model)
-    # 12 blocks x (qkv 3d^2 + out d^2 + mlp 8d^2 + adaLN 128*6d) + sigma MLP + final adaLN + head
+    n, c = metrics.matmul_params(model), metrics.conditioning_params(model)
+    # per token: 12 blocks x (qkv 3d^2 + out d^2 + mlp 8d^2) + head; per sequence: the timestep
+    # MLP and the adaLN projections (12 blocks x 128*6d, final 128*2d)
     d, v = 768, 50258
-    expected = 12 * (12 * d * d + 128 * 6 * d) + (256 * 128 + 128 * 128) + 128 * 2 * d + d * v
-    assert n == expected
-    per_token = metrics.flops_per_token(n, 12, d, 1024)
-    assert per_token == 6 * expected + 12 * 12 * d * 1024
-    # attention is counted in full (bidirectional): ~ 113M of the ~ 0.88 GFLOP per token
-    assert abs(12 * 12 * d * 1024 / per_token - 0.128) < 0.01
+    assert n == 12 * 12 * d * d + d * v
+    assert c == (256 * 128 + 128 * 128) + 12 * 128 * 6 * d + 128 * 2 * d
+    per_token = metrics.flops_per_token(n, 12, d, 1024, conditioning=c)
+    assert per_token == 6 * n + 6 * c / 1024 + 12 * 12 * d * 1024
+    # attention is counted in full (bidirectional): ~ 113M of the ~ 0.87 GFLOP per token
+    assert abs(12 * 12 * d * 1024 / per_token - 0.130) < 0.01
+
+
+@pytest.mark.parametrize("masked_logits_only", [False, True])
+def test_flops_formula_matches_counted_flops(masked_logits_only):
+    """torch's FLOP counter over a real forward and backward of the tiny preset: the matmuls it
+    counts plus the attention term equal the formula (the head on the masked positions only, the
+    adaLN projections once per sequence)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model_config("mdlm-tiny", vocab_size=512, masked_logits_only=masked_logits_only)
+    model = build_model(cfg)
+    batch, seq_len = 4, 256
+    x0 = torch.randint(0, 511, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    t = torch.full((batch,), 0.5)   # about half the positions masked
+    noise = torch.rand(x0.shape, generator=torch.Generator().manual_seed(1))
+    with FlopCounterMode(display=False) as counter:
+        model(x0, t, noise=noise).loss.backward()
+    counted = counter.get_flop_counts()["Global"]
+    matmul = sum(v for op, v in counted.items() if "scaled_dot_product" not in str(op))
+    masked = int(model.corrupt(x0, t, noise=noise)[1].sum())
+    head = cfg.d_model * cfg.vocab_size
+    n, c = metrics.matmul_params(model), metrics.conditioning_params(model)
+    fraction = masked / (batch * seq_len) if masked_logits_only else 1.0
+    expected = metrics.flops_per_token(n, cfg.n_layers, cfg.d_model, seq_len, head, fraction, c)
+    attention = 12 * cfg.n_layers * cfg.d_model * seq_len
+    per_token = matmul / (batch * seq_len) + attention
+    assert per_token == pytest.approx(expected, rel=1e-3)  # counting adaLN per token: +23%
 
 
 def test_peak_is_unknown_on_cpu():
