@@ -103,9 +103,7 @@ def nucleus(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out.log_softmax(dim=-1)
 
 
-def _draw(log_probs: torch.Tensor, top_p: float, generator, argmax: bool = False) -> torch.Tensor:
-    if argmax:
-        return log_probs.argmax(dim=-1)
+def _draw(log_probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
     return categorical(nucleus(log_probs, top_p), generator)
 
 
@@ -203,20 +201,40 @@ class _Denoiser:
         return out.log_softmax(dim=-1)
 
 
+def _time_grid(model: MDLM, steps: int, final: str) -> list[float]:
+    """t_0 = 1 > ... > t_T, uniform. Down to 0 (the last step reveals every remaining position: the
+    exact ancestral sampler), or with final="argmax" down to eps, after which, as in the MDLM
+    reference's noise removal, one more pass fills whatever is still masked (about m(eps) of the
+    positions) with the argmax."""
+    end = model.cfg.noise_eps if final == "argmax" else 0.0
+    return [1.0 - (1.0 - end) * i / steps for i in range(steps + 1)]
+
+
+def _fill_with_argmax(x: torch.Tensor, t: float, denoiser: _Denoiser, mask_id: int) -> torch.Tensor:
+    masked = x == mask_id
+    rows = masked.any(dim=1)
+    if not rows.any():
+        return x
+    lp = denoiser(x, t, rows, masked)
+    x = x.clone()
+    x[masked] = lp.argmax(dim=-1)
+    return x
+
+
 def _denoise_ancestral(model: MDLM, x: torch.Tensor, steps: int, generator, top_p: float,
                        denoiser: _Denoiser, final: str) -> torch.Tensor:
     """Reverse process over `steps` uniform steps on the canvas x (known tokens + [MASK])."""
     mask_id, sched = model.mask_id, model.schedule
+    grid = _time_grid(model, steps, final)
     for i in range(steps):
         masked = x == mask_id
         pending = masked.any(dim=1)
         if not pending.any():
             break
-        t = torch.tensor(1.0 - i / steps, dtype=torch.float64)
-        s = torch.tensor(1.0 - (i + 1) / steps, dtype=torch.float64)
-        last = i + 1 == steps
+        t = torch.tensor(grid[i], dtype=torch.float64)
+        s = torch.tensor(grid[i + 1], dtype=torch.float64)
         m_t = sched.mask_prob(t).item()
-        m_s = 0.0 if last else sched.mask_prob(s).item()
+        m_s = sched.mask_prob(s).item() if grid[i + 1] > 0 else 0.0
         # the uniforms of every position are drawn at every step, so the random stream (and the
         # samples) do not depend on which rows the cache skips
         reveal = masked & (_uniform(x.shape, generator, x.device) < 1.0 - m_s / m_t)
@@ -224,8 +242,8 @@ def _denoise_ancestral(model: MDLM, x: torch.Tensor, steps: int, generator, top_
         lp = denoiser(x, float(t), denoiser.rows_to_run(pending, changed), reveal)
         if changed.any():
             x = x.clone()
-            x[reveal] = _draw(lp, top_p, generator, argmax=last and final == "argmax")
-    return x
+            x[reveal] = _draw(lp, top_p, generator)
+    return _fill_with_argmax(x, grid[-1], denoiser, mask_id) if final == "argmax" else x
 
 
 def _denoise_confidence(model: MDLM, x: torch.Tensor, steps: int, generator, top_p: float,
@@ -233,6 +251,7 @@ def _denoise_confidence(model: MDLM, x: torch.Tensor, steps: int, generator, top
     """k_i tokens per step at the masked positions with the largest top probability; the number
     still masked after step i follows the schedule: round(M * m(s_i) / m(1)) of the M masked."""
     mask_id, sched = model.mask_id, model.schedule
+    grid = _time_grid(model, steps, final)
     total = (x == mask_id).sum(dim=1).double()
     m_1 = sched.mask_prob(torch.tensor(1.0, dtype=torch.float64)).item()
     for i in range(steps):
@@ -240,15 +259,14 @@ def _denoise_confidence(model: MDLM, x: torch.Tensor, steps: int, generator, top
         n_masked = masked.sum(dim=1)
         if not bool(n_masked.any()):
             break
-        last = i + 1 == steps
-        s = 1.0 - (i + 1) / steps
-        frac = 0.0 if last else sched.mask_prob(torch.tensor(s, dtype=torch.float64)).item() / m_1
+        s = grid[i + 1]
+        frac = sched.mask_prob(torch.tensor(s, dtype=torch.float64)).item() / m_1 if s > 0 else 0.0
         keep = torch.round(total * frac).long().to(n_masked.device)
         k = (n_masked - keep).clamp_min(0)
         changed = k > 0
         rows = denoiser.rows_to_run(n_masked > 0, changed)
         at = masked & rows[:, None]
-        lp = denoiser(x, 1.0 - i / steps, rows, at)  # every masked position of the rows run
+        lp = denoiser(x, grid[i], rows, at)  # every masked position of the rows run
         if not changed.any():
             continue
         slot = torch.full(x.shape, -1, dtype=torch.long, device=x.device)
@@ -259,8 +277,8 @@ def _denoise_confidence(model: MDLM, x: torch.Tensor, steps: int, generator, top
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
         reveal = masked & (rank < k[:, None])
         x = x.clone()
-        x[reveal] = _draw(lp[slot[reveal]], top_p, generator, argmax=last and final == "argmax")
-    return x
+        x[reveal] = _draw(lp[slot[reveal]], top_p, generator)
+    return _fill_with_argmax(x, grid[-1], denoiser, mask_id) if final == "argmax" else x
 
 
 _INNER = {"ancestral": _denoise_ancestral, "cached": _denoise_ancestral, "confidence": _denoise_confidence}
@@ -274,8 +292,9 @@ def mdlm_ancestral(model: MDLM, num_samples: int, length: int, steps: int, *,
     """Reverse process over `steps` uniform steps from t = 1 (all [MASK]) to t = 0.
 
     From t to s a masked position is revealed with probability (alpha_s - alpha_t)/(1 - alpha_t)
-    and drawn from p_theta(. | z_t); the last step (s = 0) reveals every remaining position (drawn,
-    or the argmax with final="argmax"). `prompt` (P <= length tokens) fixes the first P positions;
+    and drawn from p_theta(. | z_t); the last step (s = 0) reveals every remaining position. With
+    final="argmax" the steps end at eps instead and one more pass fills the few positions still
+    masked with the argmax (the MDLM reference's noise removal). `prompt` (P <= length tokens) fixes the first P positions;
     [MASK] entries in it are left to the model (infilling); fixed tokens are never changed.
     With `use_cache` and no time conditioning, a sample whose tokens a step left unchanged reuses
     its network output: each sample takes part in at most min(steps, length) passes, and the

@@ -39,7 +39,9 @@ def parse_args(argv):
     p.add_argument("--carry", type=int, default=-1, help="semi-ar: tokens of the previous block kept as "
                                                           "the next block's prefix (default: block size // 2)")
     p.add_argument("--final", default="sample", choices=["sample", "argmax"],
-                   help="how the last step fills the remaining masks")
+                   help="sample: the last step draws every remaining position (exact); argmax: the "
+                        "steps end at t=eps and one more pass fills the ~m(eps) still masked with "
+                        "the argmax (the MDLM reference's noise removal)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="same as --sampler ancestral")

@@ -234,11 +234,36 @@ def test_generate_dispatches_and_reports_every_cost():
     assert torch.equal(*same)  # a seed reproduces the samples
 
 
-def test_the_final_step_can_fill_with_the_argmax():
+def test_final_argmax_fills_only_what_is_left_at_eps(monkeypatch):
+    """final="argmax" is the MDLM reference's noise removal: the steps end at t = eps and one more
+    pass takes the argmax of the ~m(eps) positions still masked, not of the last step's ~1/T."""
     model = tiny_model()
-    out = mdlm_ancestral(model, 2, 8, 1, generator=torch.Generator().manual_seed(0), final="argmax").tokens
-    expected = model.logits(torch.full((1, 8), MASK)).argmax(-1)
-    assert torch.equal(out, expected.expand(2, -1))
+    calls = []
+    real = sampling._fill_with_argmax
+
+    def spy(x, t, denoiser, mask_id):
+        calls.append(((x == mask_id).sum().item(), t))
+        return real(x, t, denoiser, mask_id)
+
+    monkeypatch.setattr(sampling, "_fill_with_argmax", spy)
+    for name in ("cached", "confidence"):
+        calls.clear()
+        out = generate(model, 16, 256, sampler=name, steps=10, final="argmax",
+                       generator=torch.Generator().manual_seed(0))
+        assert not (out.tokens == MASK).any()
+        [(left, t)] = calls
+        assert t == pytest.approx(model.cfg.noise_eps)
+        assert left < 0.01 * 16 * 256, (name, left)   # m(eps) = 0.1% expected; 10% before
+        calls.clear()
+        generate(model, 2, 32, sampler=name, steps=4, generator=torch.Generator().manual_seed(0))
+        assert calls == []   # the default draws every position
+    # the pass itself: the argmax of p_theta(. | z_eps) at every masked position
+    x = torch.randint(0, MASK, (2, 8), generator=torch.Generator().manual_seed(1))
+    x[0, 3] = x[1, 5] = x[1, 6] = MASK
+    counter = sampling._Counter(2)
+    filled = real(x, 1e-3, sampling._Denoiser(model, 2, True, counter), MASK)
+    expected = model.logits(x, torch.full((2,), 1e-3)).argmax(-1)
+    assert torch.equal(filled[x == MASK], expected[x == MASK]) and torch.equal(filled[x != MASK], x[x != MASK])
     with pytest.raises(ValueError, match="final step must be one of"):
         mdlm_ancestral(model, 1, 8, 4, final="mode")
 
