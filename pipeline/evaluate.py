@@ -23,9 +23,11 @@ from model.mdlm import MDLM
 from .data import ShardStream, batches, load_manifest
 
 
-def conventions(manifest: dict) -> dict:
+def conventions(manifest: dict, objective: str = "mdlm") -> dict:
+    counted = ("every position (BOS/EOS included, pad excluded)" if objective == "mdlm" else
+               "every position after the first (BOS is never predicted; EOS included, pad excluded)")
     return {
-        "tokens_counted": "every position (BOS/EOS included, pad excluded)",
+        "tokens_counted": counted,
         "packing": manifest.get("packing", "wrap"),
         "eos_between_documents": manifest.get("packing", "wrap") == "wrap",
         "seq_len": manifest.get("seq_len"),
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
                                  args.max_batches, args.seed, device=device, discrete_steps=args.discrete_steps)
     result.update(unigram_perplexity(data, args.split, max_eval_samples=args.max_batches * args.batch_size))
-    result["conventions"] = conventions(manifest)
+    result["conventions"] = conventions(manifest, loaded.model.cfg.objective)
     result["checkpoint"] = str(loaded.path)
     result["warnings"] = warnings
     text = json.dumps(result, indent=2)

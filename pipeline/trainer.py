@@ -435,14 +435,30 @@ class Trainer:
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
+    def _pad_loss_scale(self, valids: list) -> torch.Tensor | None:
+        """With pad packing, micro-batches count different numbers of tokens, and DeepSpeed averages
+        their per-micro-batch means over accumulation and ranks, which is not the step's loss (the
+        sum over its tokens / their number). Backward then sees each loss sum times
+        dp_world * accumulation / the step's token count, so the averaging gives the step's loss.
+        None where every position counts (wrap packing): the plain mean is already exact."""
+        if valids[0] is None:
+            return None
+        counted = sum(float((v if self.is_mdlm else v[:, 1:]).sum()) for v in valids)
+        total = torch.tensor(counted, dtype=torch.float64, device=self.device)
+        if self.world > 1:  # tensor-parallel ranks hold the same batch: count each once
+            dist.all_reduce(total)
+            total = total / self.tp
+        return (self.dp_world * self.grad_accum / total.clamp_min(1.0)).float()
+
     def train_step(self) -> dict:
         times, uniforms = self._step_noise() if self.is_mdlm else (None, None)
         mb = self.cfg.data.micro_batch_size
         # summed on the device: NCCL reduces no CPU tensors, and .cpu() per micro-step would sync
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.float64, device=self.device)
-        for micro in range(self.grad_accum):
-            x0, valid, keys = next(self._batches)
+        micro_batches = [next(self._batches) for _ in range(self.grad_accum)]
+        scale = self._pad_loss_scale([valid for _, valid, _ in micro_batches])
+        for micro, (x0, valid, keys) in enumerate(micro_batches):
             if self._keys_file is not None:
                 self._keys_file.write("".join(f"{self.step + 1}\t{k}\n" for k in keys))
                 self._keys_file.flush()
@@ -459,7 +475,7 @@ class Trainer:
                     out = self.engine(self._to_device(x0), self._to_device(times[rows]), **kwargs)
                 else:
                     out = self.engine(self._to_device(x0), **kwargs)
-            loss = out.loss
+            loss = out.loss if scale is None else out.loss_sum * scale
             if self.step + 1 in self._inject_nan_steps:
                 loss = loss * float("nan")
             self.engine.backward(loss)
@@ -635,7 +651,7 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 samples_path = self.run_dir / "samples.txt"
                 samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")
-                summary.update(unigram=unigram, conventions=conventions(self.manifest),
+                summary.update(unigram=unigram, conventions=conventions(self.manifest, self.cfg.model.objective),
                                samples=str(samples_path), checkpoints=str(self.checkpoints.root),
                                mlflow_run_id=self.mlflow_run_id,
                                tracking_uri=self.tracker.uri if self.tracker else None)

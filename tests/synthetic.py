@@ -49,11 +49,13 @@ def write_tokenizer(path: Path, vocab: int) -> None:
 
 
 def write_markov_shards(out: Path, vocab: int = 16, seq_len: int = 32, train_samples: int = 256,
-                        val_samples: int = 64, samples_per_shard: int = 64, seed: int = 0) -> dict:
+                        val_samples: int = 64, samples_per_shard: int = 64, seed: int = 0,
+                        padded: bool = False) -> dict:
     """A data_prep-shaped directory: train/ and val/ shards, tokenizer/, manifest.json.
 
     Token ids 0..vocab-1 come from the chain; the tokenizer has no mask, so the model vocab is
-    vocab + 1 with [MASK] = vocab."""
+    vocab + 1 with [MASK] = vocab. `padded`: pad packing, each sample one document of seq_len/4 to
+    seq_len tokens followed by pad id 0, with its `mask.npy` (1 = a real token)."""
     out = Path(out)
     transition = markov_chain(vocab, seed)
     rng = np.random.default_rng(seed + 1)
@@ -66,9 +68,18 @@ def write_markov_shards(out: Path, vocab: int = 16, seq_len: int = 32, train_sam
             n = min(samples_per_shard, count - start)
             with wds.TarWriter(str(out / name)) as sink:
                 for i in range(n):
+                    tokens = sample_chain(transition, seq_len, rng).astype(np.uint16)
+                    item = {"__key__": f"{split}-{start + i:08d}"}
+                    if padded:
+                        mask = (np.arange(seq_len) < rng.integers(seq_len // 4, seq_len + 1)).astype(np.uint8)
+                        tokens[mask == 0] = 0
+                        buf = io.BytesIO()
+                        np.save(buf, mask)
+                        item["mask.npy"] = buf.getvalue()
                     buf = io.BytesIO()
-                    np.save(buf, sample_chain(transition, seq_len, rng).astype(np.uint16))
-                    sink.write({"__key__": f"{split}-{start + i:08d}", "tokens.npy": buf.getvalue()})
+                    np.save(buf, tokens)
+                    item["tokens.npy"] = buf.getvalue()
+                    sink.write(item)
             digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
             shards.append({"name": name, "samples": n, "tokens": n * seq_len, "sha256": digest})
         splits[split] = {"shards": shards, "documents": count, "samples": count, "tokens": count * seq_len}
@@ -76,9 +87,9 @@ def write_markov_shards(out: Path, vocab: int = 16, seq_len: int = 32, train_sam
     manifest = {
         "format_version": 1,
         "tokenizer": {"name": "synthetic-markov", "vocab_size": vocab, "bos_id": 0, "eos_id": 0,
-                      "pad_id": None, "mask_id": None, "files": {}},
+                      "pad_id": 0 if padded else None, "mask_id": None, "files": {}},
         "model_vocab_size": vocab + 1, "mask_token_id": vocab, "seq_len": seq_len,
-        "packing": "wrap", "dtype": "uint16", "splits": splits, "dropped_tail_tokens": 0,
+        "packing": "pad" if padded else "wrap", "dtype": "uint16", "splits": splits, "dropped_tail_tokens": 0,
         "skipped": {}, "job": {"source": "markov", "seed": seed},
         "entropy_rate_nats": entropy_rate(transition),
     }

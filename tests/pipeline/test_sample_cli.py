@@ -240,3 +240,12 @@ def test_raw_weights_load_past_transformer_engine_extra_state(ckpts, tmp_path):
     plain = load_checkpoint_model(src, use_ema=False)
     assert loaded.weights == "raw"
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), plain.model.state_dict().values()))
+
+
+def test_final_evaluation_states_which_tokens_it_counts(ckpts):
+    """An AR model predicts positions 1..L-1 and MDLM every position: the summary says which, so
+    bounds of the two are compared knowing their denominators."""
+    counted = {o: json.loads((ckpts[o] / "final_eval.json").read_text())["conventions"]["tokens_counted"]
+               for o in ("mdlm", "ar")}
+    assert counted["mdlm"].startswith("every position (")
+    assert counted["ar"].startswith("every position after the first")
