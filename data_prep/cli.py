@@ -20,6 +20,7 @@ _FLAGS = {
     "seq_len": "seq_len", "packing": "packing", "samples_per_shard": "samples_per_shard",
     "val_fraction": "val_fraction", "text_field": "text_field",
     "num_workers": "num_workers", "dedup": "dedup", "max_bad_fraction": "max_bad_fraction",
+    "max_lost_inputs": "max_lost_inputs",
     "max_doc_chars": "max_doc_chars", "overwrite": "overwrite", "group_bytes": "group_bytes",
 }
 
@@ -51,6 +52,9 @@ def build_run_parser(prog: str = "python -m data_prep [run]") -> argparse.Argume
     p.add_argument("--dedup", action="store_true", default=None, help="drop exact duplicate documents")
     p.add_argument("--max-bad-fraction", type=float, dest="max_bad_fraction",
                    help="fail when more than this fraction of the records is bad (0.5)")
+    p.add_argument("--max-lost-inputs", type=int, dest="max_lost_inputs",
+                   help="input files (or parts) that could not be read to their end (damaged, "
+                        "truncated, unreadable) to go on without (default 0: fail)")
     p.add_argument("--max-doc-chars", type=int, dest="max_doc_chars", help="skip longer documents")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the output of a different job in --out")

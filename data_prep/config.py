@@ -45,6 +45,9 @@ class DataPrepConfig:
     dedup: bool = False
     # fail (without writing a manifest) when more than this fraction of the records is bad
     max_bad_fraction: float = 0.5
+    # input files (or parts of one) that could not be read to their end ("read_error",
+    # "truncated_input") tolerated before the job fails: 0 = every input must be read in full
+    max_lost_inputs: int = 0
     # how many bad-record examples per reason go to errors.jsonl
     max_error_examples: int = 20
     # input bytes per work group (0 = auto: input size / 32, within 1 MiB .. 256 MiB). Each group is
@@ -67,6 +70,8 @@ class DataPrepConfig:
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_lost_inputs < 0:
+            raise ConfigError(f"max_lost_inputs: must be >= 0, got {self.max_lost_inputs}")
         if self.samples_per_shard < 0:
             raise ConfigError(f"samples_per_shard: must be >= 0, got {self.samples_per_shard}")
         if self.num_workers is not None and self.num_workers < 1:

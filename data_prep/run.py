@@ -149,6 +149,63 @@ def check_bad_fraction(cfg: DataPrepConfig, counts: dict[str, int], good_docs: i
                         "no manifest was written.")
 
 
+LOST_INPUT = ("read_error", "truncated_input")  # a whole file, or the rest of one, could not be read
+
+
+def check_lost_inputs(cfg: DataPrepConfig, bad: BadRecords, stage: str) -> None:
+    """A file that could not be read to its end loses all of its remaining documents but counts
+    once among the records, so max_bad_fraction cannot see it: such losses have their own limit."""
+    lost = sum(bad.counts.get(r, 0) for r in LOST_INPUT)
+    if lost <= cfg.max_lost_inputs:
+        return
+    named = [f"{e['where']} ({e['reason']}: {e['detail']})" for e in bad.examples if e["reason"] in LOST_INPUT][:5]
+    more = f" and {lost - len(named)} more" if lost > len(named) else ""
+    raise JobFailed(f"{lost} input file(s) or part(s) could not be read to their end [{stage}]: "
+                    f"{'; '.join(named)}{more}. Their remaining documents would be missing from the "
+                    f"dataset: repair or remove them (a rerun redoes only the groups whose inputs changed), "
+                    f"or pass --max-lost-inputs {lost} to go on without them. No manifest was written.")
+
+
+def check_shards_present(out: Path, records: dict) -> None:
+    """Each group's shards are written by whichever node ran it: before the manifest lists them,
+    the driver checks it sees every one at its size (an --out that is not shared storage)."""
+    missing = []
+    for rec in records.values():
+        for name, size in rec.get("bytes", {}).items():
+            try:
+                if os.path.getsize(out / name) == size:
+                    continue
+            except OSError:
+                pass
+            missing.append(name)
+    if missing:
+        raise JobFailed(f"{len(missing)} shard(s) written by the Ray workers are missing or incomplete in "
+                        f"{out} as this driver sees it (e.g. {', '.join(sorted(missing)[:3])}): --out must be "
+                        f"storage that every node of the Ray cluster mounts at the same path. No manifest "
+                        f"was written.")
+
+
+def check_cluster_paths(cfg: DataPrepConfig) -> None:
+    """Under `ray job submit --working-dir`, the driver runs in a temporary copy of the working
+    directory on the head node: a relative --out would be written there (and lost), and a
+    relative --input resolves to paths that the other nodes do not have."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job:
+        return
+    try:
+        working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return
+    if not working_dir:
+        return
+    relative = [f"--out {cfg.out}"] if not Path(cfg.out).expanduser().is_absolute() else []
+    relative += [f"--input {p}" for p in cfg.input if not Path(p).expanduser().is_absolute()]
+    if relative:
+        raise ConfigError(f"{', '.join(relative)}: a relative path under `ray job submit --working-dir` "
+                          f"points into the job's temporary copy of the working directory on one node; "
+                          f"give absolute paths on storage every node mounts (e.g. /shared/...)")
+
+
 def inputs_signature(files) -> str:
     """Identity of the input files as they are now (ids, sizes, modification times)."""
     h = hashlib.sha256()
@@ -189,6 +246,7 @@ def get_tokenizer(cfg: DataPrepConfig, out: Path, units: list[dict], signature: 
         info = load_tokenizer(cfg.tokenizer, cfg, _training_texts(cfg, units, bad, counter))
         log(f"trained byte-level BPE, vocab {info.vocab_size}, in {time.time() - t0:.1f}s")
         write_errors(out, bad)
+        check_lost_inputs(cfg, bad, "while reading for tokenizer training")
         check_bad_fraction(cfg, bad.counts, counter["docs"], "while reading for tokenizer training")
         mf.atomic_write_text(tok_path, info.json)
         mf.atomic_write_text(sig_path, signature + "\n")
@@ -242,6 +300,7 @@ def plan_groups(cfg: DataPrepConfig, files) -> tuple[list[dict], int]:
 def run_job(cfg: DataPrepConfig) -> dict:
     """Run a data preparation job; returns the manifest. Raises ConfigError / JobFailed."""
     t_start = time.time()
+    check_cluster_paths(cfg)
     out = Path(cfg.out).expanduser().resolve()
     files = discover(cfg.input)
     groups, group_bytes = plan_groups(cfg, files)
@@ -256,7 +315,7 @@ def run_job(cfg: DataPrepConfig) -> dict:
     t_work = time.time()
     try:
         if cfg.dedup:
-            _mark_duplicates(ray, cfg, groups, workers)
+            _mark_duplicates(ray, cfg, groups)
         ctx = dict(worker_cfg(cfg), out=str(out), seq_len=cfg.seq_len, packing=cfg.packing,
                    samples_per_shard=spp, dtype=info.dtype, bos_id=info.bos_id, eos_id=info.eos_id,
                    pad_id=info.pad_id)
@@ -265,7 +324,7 @@ def run_job(cfg: DataPrepConfig) -> dict:
             stats = "".join(_file_stat(path, fid) for path, fid in g["files"])
             g["fingerprint"] = hashlib.sha256(
                 (job_key + json.dumps(g, sort_keys=True) + stats).encode("utf-8")).hexdigest()
-        records = _process_groups(ray, cfg, groups, ctx, info, workers)
+        records = _process_groups(ray, cfg, groups, ctx, info)
     finally:
         if started:
             ray.shutdown()
@@ -289,7 +348,9 @@ def run_job(cfg: DataPrepConfig) -> dict:
         kept += rec.get("kept_shards", 0)
     good = sum(splits[s]["documents"] for s in mf.SPLITS)
     write_errors(out, bad)
+    check_lost_inputs(cfg, bad, "after processing")
     check_bad_fraction(cfg, bad.counts, good + bad.counts.get("duplicate", 0), "after processing")
+    check_shards_present(out, records)
 
     listed = {sh["name"] for s in mf.SPLITS for sh in splits[s]["shards"]}
     for s in mf.SPLITS:
@@ -338,15 +399,21 @@ def run_job(cfg: DataPrepConfig) -> dict:
     return manifest
 
 
-def _run_tasks(ray, fn, groups: list[dict], args: tuple, workers: int, desc: str,
+def _task_window(ray, workers: int | None) -> int:
+    """Tasks in flight: `workers` (--num-workers) where the cluster has more CPUs, else the
+    cluster's CPUs, read anew, plus as many queued so that a free CPU never waits for the driver."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return workers if workers is not None and workers < cpus else 2 * cpus
+
+
+def _run_tasks(ray, fn, groups: list[dict], args: tuple, workers: int | None, desc: str,
                on_result=None, interval: float = 2.0) -> dict[int, object]:
-    """Run fn(group, *args) as one Ray task (1 CPU) per group, at most `workers` at a time, in plan
-    order; returns {group index: result}. When the cluster has more CPUs than `workers`, exactly
-    `workers` run; otherwise a few more are queued so that a free CPU never waits for the driver.
+    """Run fn(group, *args) as one Ray task (1 CPU) per group, at most `workers` at a time (None:
+    as many as the cluster has CPUs, nodes joining while it runs included), in plan order; returns
+    {group index: result}.
     A progress bar (a TTY) or progress lines (logs) show groups done, tokens and the rate."""
     remote = ray.remote(num_cpus=1)(fn)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    window = workers if workers < cpus else 2 * workers
+    window, checked = _task_window(ray, workers), time.time()
     results: dict[int, object] = {}
     inflight: dict = {}
     todo = list(groups)
@@ -361,6 +428,8 @@ def _run_tasks(ray, fn, groups: list[dict], args: tuple, workers: int, desc: str
             bar = None
     t0 = last = time.time()
     while todo or inflight:
+        if time.time() - checked > 5.0:  # nodes that join a running cluster take work too
+            window, checked = _task_window(ray, workers), time.time()
         while todo and len(inflight) < window:
             g = todo.pop(0)
             inflight[remote.remote(g, *args)] = g["index"]
@@ -385,11 +454,11 @@ def _run_tasks(ray, fn, groups: list[dict], args: tuple, workers: int, desc: str
     return results
 
 
-def _mark_duplicates(ray, cfg: DataPrepConfig, groups: list[dict], workers: int) -> None:
+def _mark_duplicates(ray, cfg: DataPrepConfig, groups: list[dict]) -> None:
     """Global exact dedup: the first occurrence (in input order) of a text is kept."""
     from .worker import hash_task
 
-    hashes = _run_tasks(ray, hash_task, groups, (worker_cfg(cfg),), workers, "dedup pass",
+    hashes = _run_tasks(ray, hash_task, groups, (worker_cfg(cfg),), cfg.num_workers, "dedup pass",
                         interval=cfg.progress_interval_s)
     arrays = [np.frombuffer(hashes[g["index"]], dtype="S16") for g in groups]
     flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype="S16")
@@ -403,12 +472,12 @@ def _mark_duplicates(ray, cfg: DataPrepConfig, groups: list[dict], workers: int)
     log(f"dedup: {int(dup.sum())} of {len(flat)} documents repeat an earlier one")
 
 
-def _process_groups(ray, cfg: DataPrepConfig, groups: list[dict], ctx: dict, info: TokenizerInfo,
-                    workers: int) -> dict[int, dict]:
+def _process_groups(ray, cfg: DataPrepConfig, groups: list[dict], ctx: dict,
+                    info: TokenizerInfo) -> dict[int, dict]:
     from .worker import group_task
 
     tok_box = [ray.put(info.json)]  # fetched once per worker process (see worker.worker_tokenizer)
-    return _run_tasks(ray, group_task, groups, (ctx, info.sha256(), tok_box), workers, "processing",
+    return _run_tasks(ray, group_task, groups, (ctx, info.sha256(), tok_box), cfg.num_workers, "processing",
                       on_result=lambda rec: rec["tokens_in"], interval=cfg.progress_interval_s)
 
 

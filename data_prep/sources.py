@@ -308,6 +308,11 @@ def _check_doc(text: str, where: str, max_chars: int, bad: BadRecords) -> str | 
     if len(text) > max_chars:
         bad.add("too_long", where, f"{len(text)} characters > max_doc_chars={max_chars}")
         return None
+    try:  # JSON "\ud800" escapes decode to lone surrogates, which no UTF-8 tokenizer accepts
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad.add("invalid_utf8", where, f"character {err.start}: lone surrogate U+{ord(text[err.start]):04X}")
+        return None
     text = clean_text(text)
     if not text:
         bad.add("empty", where, "empty after cleaning")
@@ -419,8 +424,8 @@ def _iter_jsonl(path: str, file_id: str, cfg: dict, bad: BadRecords,
                     continue
                 try:
                     rec = json.loads(line)
-                except ValueError as err:
-                    bad.add("invalid_json", where, str(err))
+                except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
+                    bad.add("invalid_json", where, f"{type(err).__name__}: {err}")
                     continue
                 if not isinstance(rec, dict):
                     bad.add("not_an_object", where, f"a JSON {type(rec).__name__}, not an object")

@@ -30,6 +30,9 @@ def messy_corpus(tmp_path_factory):
         json.dumps(["a", "list"]).encode(),                 # 8 not_an_object
         b"",                                                # 9 blank line: not a record
         json.dumps({"text": good[1], "id": 7}).encode(),    # 10 ok
+        b'{"text": "lone \\ud800 surrogate"}',             # 11 invalid_utf8 (valid JSON, no UTF-8)
+        b"[" * 100_000,                                     # 12 invalid_json (too deep to parse)
+        json.dumps({"text": good[0] + " again"}).encode(),  # 13 ok: reading went on
     ]
     (d / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     # truncated gzip: the first records survive, the cut is counted once
@@ -48,23 +51,24 @@ def messy_corpus(tmp_path_factory):
 def test_each_bad_input_class_is_counted(messy_corpus, tmp_path, ray_session):
     out = tmp_path / "out"
     man = run(["--input", messy_corpus, "--out", out, "--tokenizer", "train:300", "--seq-len", 32,
-               "--val-fraction", 0, "--max-doc-chars", 4000, "--max-bad-fraction", 0.9])
+               "--val-fraction", 0, "--max-doc-chars", 4000, "--max-bad-fraction", 0.9, "--max-lost-inputs", 2])
     sk = man["skipped"]
-    assert sk["invalid_json"] == 1
+    assert sk["invalid_json"] == 2             # a.jsonl:2 and the nesting of a.jsonl:12
     assert sk["wrong_type"] == 1
     assert sk["missing_field"] == 2            # a.jsonl:4 and the parquet null
-    assert sk["invalid_utf8"] == 2             # a.jsonl:5 and e.txt
+    assert sk["invalid_utf8"] == 3             # a.jsonl:5, the lone surrogate of a.jsonl:11 and e.txt
     assert sk["empty"] == 3                    # a.jsonl:6, parquet "", f.txt
     assert sk["too_long"] == 1
     assert sk["not_an_object"] == 1
     assert sk["truncated_input"] == 2
     docs = man["splits"]["train"]["documents"]
-    assert 2 + 2 + 2 + 1 <= docs <= 2 + 6 + 2 + 2   # the truncated gzip keeps what came before the cut
+    assert 3 + 2 + 2 + 1 <= docs <= 3 + 6 + 2 + 2   # the truncated gzip keeps what came before the cut
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     where = {(e["reason"], e["where"]) for e in errors}
     assert ("invalid_json", "in/a.jsonl:2") in where
     assert ("wrong_type", "in/a.jsonl:3") in where
     assert ("too_long", "in/a.jsonl:7") in where
+    assert ("invalid_utf8", "in/a.jsonl:11") in where and ("invalid_json", "in/a.jsonl:12") in where
     assert ("invalid_utf8", "in/e.txt") in where
     assert any(r == "truncated_input" and w.startswith("in/b.jsonl.gz:") for r, w in where)
     assert ("truncated_input", "in/g.jsonl.zst:1") in where
@@ -72,11 +76,23 @@ def test_each_bad_input_class_is_counted(messy_corpus, tmp_path, ray_session):
     assert verify_dir(out)[0] == []
 
 
+def test_inputs_not_read_to_their_end_fail_the_job_by_default(messy_corpus, tmp_path, ray_session):
+    """A truncated archive loses every document after the cut but is one bad 'record': the job
+    fails, naming the files and the flag to go on without them, and writes no manifest."""
+    out = tmp_path / "lossy"
+    with pytest.raises(JobFailed, match=r"2 input file\(s\) or part\(s\) could not be read to their end") as err:
+        run(["--input", messy_corpus, "--out", out, "--tokenizer", "train:300", "--seq-len", 32,
+             "--max-doc-chars", 4000, "--max-bad-fraction", 0.9])
+    assert "in/b.jsonl.gz" in str(err.value) and "in/g.jsonl.zst" in str(err.value)
+    assert "--max-lost-inputs 2" in str(err.value)
+    assert not (out / "manifest.json").exists()
+
+
 def test_max_bad_fraction_fails_with_clear_message(messy_corpus, tmp_path, ray_session):
     out = tmp_path / "strict"
     with pytest.raises(JobFailed, match=r"input records are bad .*max_bad_fraction=0\.1"):
         run(["--input", messy_corpus, "--out", out, "--tokenizer", "train:300", "--seq-len", 32,
-             "--max-doc-chars", 4000, "--max-bad-fraction", 0.1])
+             "--max-doc-chars", 4000, "--max-bad-fraction", 0.1, "--max-lost-inputs", 2])
     assert not (out / "manifest.json").exists()
     assert (out / "errors.jsonl").read_text().strip()
 

@@ -121,6 +121,27 @@ def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     man = load_manifest(out)
     assert man["splits"]["train"]["samples"] > 0 and len(man["splits"]["train"]["shards"]) >= 2
+    # a relative --out would land in the job's temporary copy of the working dir: refused up front
+    rel = [str(RAY_BIN), "job", "submit", "--address", ray_cluster["address"], "--working-dir", str(REPO),
+           "--", "python", "-m", "data_prep", "--input", str(corpus), "--out", "relative-out",
+           "--tokenizer", "train:300", "--seq-len", "64"]
+    proc = subprocess.run(rel, env=ray_cluster["env"], capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "--out relative-out: a relative path under `ray job submit" in log, log[-3000:]
+
+
+def test_shards_the_driver_cannot_see_fail_before_the_manifest(tmp_path):
+    """Workers on other nodes write shards into their own --out when it is not shared storage: the
+    driver finds them missing (or cut short) and refuses to write a manifest naming them."""
+    from data_prep.run import JobFailed, check_shards_present
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "shard-a.tar").write_bytes(b"x" * 10)
+    check_shards_present(tmp_path, {0: {"bytes": {"train/shard-a.tar": 10}}})
+    for records in ({0: {"bytes": {"train/shard-a.tar": 10}}, 1: {"bytes": {"train/shard-b.tar": 10}}},
+                    {0: {"bytes": {"train/shard-a.tar": 12}}}):
+        with pytest.raises(JobFailed, match="storage that every node of the Ray cluster mounts"):
+            check_shards_present(tmp_path, records)
 
 
 def _entrypoint_args(entrypoint: str) -> list[str]:
