@@ -74,8 +74,9 @@ def _warn_if_shutdown_timeout_ignored() -> None:
         return
     if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in source:
         logging.getLogger("mdlm.distributed").warning(
-            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT is set but torch %s's torchrun ignores it: after SIGTERM the ranks "
-            "are killed within 30 s, possibly before their checkpoint is written; use a newer torch image",
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT is set but torch %s's torchrun ignores it: a SIGTERM to torchrun "
+            "has the ranks killed within 30 s, possibly before their checkpoint is written; signal the ranks "
+            "themselves (cluster/stop-ranks.sh, the preStop hook of cluster/kubeflow-pytorchjob.yaml)",
             torch.__version__)
 
 

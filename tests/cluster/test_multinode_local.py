@@ -24,6 +24,7 @@ from pipeline.checkpoint import complete_tags
 
 from .helpers import (
     CLUSTER,
+    REPO,
     clean_env,
     free_ports,
     kill_node,
@@ -139,3 +140,38 @@ def test_two_nodes_killed_and_resumed(cluster_markov_data, tmp_path):
     assert run.data.params["derived.world_size"] == "2"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert 5 in steps and MAX_STEPS in steps and killed_at + 5 in steps, sorted(steps)
+
+
+def test_prestop_hook_has_the_ranks_checkpoint_without_torchrun_being_signalled(cluster_markov_data, tmp_path):
+    """The pod's preStop hook (cluster/stop-ranks.sh) sends SIGTERM to the ranks, torchrun's
+    children, and returns once they have checkpointed and exited; torchrun then ends with 0 by
+    itself. No TORCH_ELASTIC_SHUTDOWN_TIMEOUT is needed, so any torch's torchrun works."""
+    doc = yaml.safe_load((CLUSTER / "kubeflow-pytorchjob.yaml").read_text())
+    for replica in ("Master", "Worker"):
+        container = doc["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]["containers"][0]
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook == ["bash", "/workspace/mdlm-pretrain/cluster/stop-ranks.sh"], hook
+    run_dir, log = tmp_path / "run", tmp_path / "pod.log"
+    command, pod_env = pod_command("Master")
+    pod_env.pop("MLFLOW_TRACKING_URI")
+    pod_env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    env = {**clean_env(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo"), **pod_env, "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports()[0]), "PET_NNODES": "1",
+           "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "2"}
+    launcher = [expand_k8s(w, env) for w in command[:command.index("pipeline/train.py") + 1]]
+    args = train_args(cluster_markov_data, run_dir)
+    args[args.index("train.max_steps=80")] = "train.max_steps=100000"
+    node = start_node(launcher + args, env, log)
+    try:
+        wait_for(lambda: "step 5/100000" in tail(log, 100_000), timeout=300, what="training steps", procs=[node])
+        hook = [hook[0], hook[1].replace("/workspace/mdlm-pretrain", str(REPO)), str(node.pid)]
+        stopped = subprocess.run(hook, capture_output=True, text=True, timeout=240)
+        assert stopped.returncode == 0 and "every rank has exited" in stopped.stdout, stopped.stdout + stopped.stderr
+        assert node.wait(timeout=60) == 0, tail(log)
+    finally:
+        kill_node(node)
+    out = tail(log, 200_000)
+    assert "stop signal received: saving a checkpoint" in out, out[-3000:]
+    step = latest_step(run_dir)
+    assert step is not None and step >= 5 and f"checkpoint saved: {run_dir / 'checkpoints'}/step{step:08d}" in out
+    assert not (run_dir / "final_eval.json").exists()

@@ -176,6 +176,20 @@ def test_ray_cluster_launcher_yaml():
     setup = " ".join(doc["setup_commands"])
     for pkg in ("ray[default]", "tokenizers", "pyarrow", "zstandard"):
         assert pkg in setup
+    # a virtualenv (PEP 668 systems refuse a system pip install), and Ray started from it, so the
+    # job's `python` entrypoint is that virtualenv's
+    assert "python3 -m venv ~/mdlm-venv" in setup and "~/mdlm-venv/bin/python -m pip install" in setup
+    for cmd in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]:
+        assert cmd.startswith("source ~/mdlm-venv/bin/activate && "), cmd
+    commands = [c for k in ("initialization_commands", "setup_commands", "head_start_ray_commands",
+                            "worker_start_ray_commands") for c in doc[k]]
+    for cmd in commands:
+        assert subprocess.run(["bash", "-n", "-c", cmd]).returncode == 0, cmd
+    # /shared must be a mount on every node: on a machine where it is not, setup stops and says so
+    [check] = doc["initialization_commands"]
+    if not os.path.ismount("/shared"):
+        proc = subprocess.run(["bash", "-c", check], capture_output=True, text=True)
+        assert proc.returncode == 1 and "/shared is not a mounted shared filesystem" in proc.stderr
     # the example submission in the header comment parses with the real CLI
     comment = [line[1:].strip() for line in (REPO / "cluster" / "ray-cluster.yaml").read_text().splitlines()
                if line.startswith("#")]
