@@ -64,6 +64,10 @@ class TrainConfig:
     checkpoint_every: int = 0      # 0 = only at the end
     keep_last: int = 3
     max_bad_steps: int = 5         # non-finite losses in a row before aborting
+    # exit status after SIGTERM/SIGUSR1 and the checkpoint it triggers: 0 where the launcher
+    # decides about restarting (SLURM requeue), non-zero (e.g. 143) where only a failed process is
+    # restarted (Kubernetes restartPolicy OnFailure), else the stopped job would count as finished
+    exit_code_on_signal: int = 0
     activation_checkpointing: bool = False
     compile: bool = False          # torch.compile each transformer block
     record_sample_keys: bool = False  # append "step<TAB>key" per rank to <run_dir>/sample_keys/
@@ -75,6 +79,8 @@ class TrainConfig:
             raise ConfigError("train.max_steps and train.global_batch_size must be >= 1")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError("train.ema must be in [0, 1)")
+        if not 0 <= self.exit_code_on_signal <= 255:
+            raise ConfigError(f"train.exit_code_on_signal={self.exit_code_on_signal} must be an exit status in [0, 255]")
 
 
 @dataclass

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0:
         print("TRAIN_SUMMARY " + json.dumps(summary))
     trainer.close()
+    code = cfg.train.exit_code_on_signal if summary.get("stopped_by_signal") else 0
     if trainer.world > 1:
         # everything is written and the process groups are gone; the interpreter's teardown of
         # third-party C++ state has still, now and then, aborted a rank ("terminate called without
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
