@@ -87,17 +87,23 @@ def worker(rank: int, size: int, port: int, queue):
         dist.destroy_process_group()
 
 
-def test_partitioned_ema_assembles_checkpoints_and_reloads_exactly():
+def run_two_ranks(target, timeout: float) -> list:
+    """target(rank, 2, port, queue) in 2 spawned processes; what each put on the queue, by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
+    results = sorted((queue.get(timeout=timeout) for _ in procs), key=lambda r: r[0])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return results
+
+
+def test_partitioned_ema_assembles_checkpoints_and_reloads_exactly():
+    results = run_two_ranks(worker, timeout=120)
     for rank, whole, none_here, start, reloaded, refused, held in results:
         assert sorted(whole) == ["a", "b", "c"]
         for name, value in whole.items():   # EMA after one step at decay 0.5: start + 4
@@ -126,7 +132,6 @@ def test_a_checkpoint_ema_that_does_not_match_is_refused():
             PartitionedEMA(module, opt, decay=0.9)
     finally:
         dist.destroy_process_group()
-
 
 
 # name -> (ZeRO stage, extra DeepSpeed config, DeepSpeed's optimizer wrapper, how the EMA describes itself)
@@ -193,16 +198,7 @@ def bf16_engines_worker(rank: int, size: int, port: int, queue):
 
 
 def test_ema_follows_the_fp32_master_weights_of_bf16_engines():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=bf16_engines_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=420) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_two_ranks(bf16_engines_worker, timeout=420)
     for rank, by_kind in results:
         assert sorted(by_kind) == sorted(BF16_ENGINES)
         for kind, (wrapper, described, names, worst) in by_kind.items():
