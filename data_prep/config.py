@@ -9,8 +9,9 @@ from pipeline.configtools import ConfigError, to_dict
 
 # Fields that change how the job runs but never what it writes: they are left out of the
 # manifest's "job" section and of the fingerprint that guards resuming, so that 1 or 2 workers
-# (or another output folder) give byte-identical manifests.
-EXECUTION_ONLY = ("out", "num_workers", "overwrite", "progress_interval_s")
+# (or another output folder) give byte-identical manifests, and a job that failed one of the
+# limits reruns with a looser one, keeping its finished groups.
+EXECUTION_ONLY = ("out", "num_workers", "overwrite", "progress_interval_s", "max_bad_fraction", "max_lost_inputs")
 
 DEFAULT_TRAIN_VOCAB = 8192
 

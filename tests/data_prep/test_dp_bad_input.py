@@ -86,6 +86,11 @@ def test_inputs_not_read_to_their_end_fail_the_job_by_default(messy_corpus, tmp_
     assert "in/b.jsonl.gz" in str(err.value) and "in/g.jsonl.zst" in str(err.value)
     assert "--max-lost-inputs 2" in str(err.value)
     assert not (out / "manifest.json").exists()
+    # the rerun the message suggests is the same job: it continues in the same --out
+    assert (out / "_work" / "job.json").exists()
+    man = run(["--input", messy_corpus, "--out", out, "--tokenizer", "train:300", "--seq-len", 32,
+               "--max-doc-chars", 4000, "--max-bad-fraction", 0.9, "--max-lost-inputs", 2])
+    assert man["skipped"]["truncated_input"] == 2 and (out / "manifest.json").exists()
 
 
 def test_max_bad_fraction_fails_with_clear_message(messy_corpus, tmp_path, ray_session):

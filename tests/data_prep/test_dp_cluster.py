@@ -178,7 +178,7 @@ def test_ray_cluster_launcher_yaml():
         assert pkg in setup
     # a virtualenv (PEP 668 systems refuse a system pip install), and Ray started from it, so the
     # job's `python` entrypoint is that virtualenv's
-    assert "python3 -m venv ~/mdlm-venv" in setup and "~/mdlm-venv/bin/python -m pip install" in setup
+    assert "python3 -m venv --clear ~/mdlm-venv" in setup and "~/mdlm-venv/bin/python -m pip install" in setup
     for cmd in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]:
         assert cmd.startswith("source ~/mdlm-venv/bin/activate && "), cmd
     commands = [c for k in ("initialization_commands", "setup_commands", "head_start_ray_commands",
