@@ -294,11 +294,12 @@ def mdlm_ancestral(model: MDLM, num_samples: int, length: int, steps: int, *,
     From t to s a masked position is revealed with probability (alpha_s - alpha_t)/(1 - alpha_t)
     and drawn from p_theta(. | z_t); the last step (s = 0) reveals every remaining position. With
     final="argmax" the steps end at eps instead and one more pass fills the few positions still
-    masked with the argmax (the MDLM reference's noise removal). `prompt` (P <= length tokens) fixes the first P positions;
-    [MASK] entries in it are left to the model (infilling); fixed tokens are never changed.
-    With `use_cache` and no time conditioning, a sample whose tokens a step left unchanged reuses
-    its network output: each sample takes part in at most min(steps, length) passes, and the
-    samples are exactly those of `use_cache=False` for the same generator."""
+    masked with the argmax (the MDLM reference's noise removal). `prompt` (P <= length tokens)
+    fixes the first P positions; [MASK] entries in it are left to the model (infilling); fixed
+    tokens are never changed. With `use_cache` and no time conditioning, a sample whose tokens a
+    step left unchanged reuses its network output: each sample takes part in at most
+    min(steps, length) passes (one more with final="argmax"), and the samples are exactly those
+    of `use_cache=False` for the same generator."""
     check_sampler_args(sampler="cached", steps=steps, num_samples=num_samples, length=length,
                        top_p=top_p, final=final)
     return _mdlm_run(model, num_samples, length, int(steps), _denoise_ancestral, generator=generator,
