@@ -1,9 +1,13 @@
 """DeepSpeed checkpoints with completeness markers, `latest`, retention and fallback on resume.
 
-A checkpoint directory <root>/step00000123/ is complete once every rank finished writing and
-rank 0 wrote COMPLETE into it; only then is <root>/latest (re)written, atomically. Resume picks
-the newest complete checkpoint and falls back to older ones if loading fails; rank 0 chooses and
-every rank loads the same one. Each checkpoint also holds its run's config as run_config.json, so a
+A checkpoint directory <root>/step00000123/ is complete once every rank finished writing, each
+node flushed its writes to storage, rank 0 saw every rank's files (a run_dir that is not shared
+storage stops here, by name) and wrote COMPLETE into it with their names and sizes; only then is
+<root>/latest (re)written, atomically. Resume picks the newest complete checkpoint and falls back
+to older ones if a file is missing, cut short or unloadable; rank 0 chooses and every rank loads
+the same one. Checkpoints newer than the one resumed (an explicit older tag, or newer ones that
+failed) are moved to <root>/abandoned/, so a later `--resume auto` and the retention of the last
+k follow the resumed line. Each checkpoint also holds its run's config as run_config.json, so a
 resume with a different model is refused by name before any weights are read.
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +29,8 @@ TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE"
 RUN_CONFIG = "run_config.json"
 DATA_MANIFEST = "data_manifest.json"  # the training data's manifest (tokenizer identity, seq_len)
+ABANDONED = "abandoned"
+VISIBILITY_WAIT_S = 30.0  # how long rank 0 waits for other nodes' files to show on shared storage
 # settings a checkpoint cannot be resumed under with others: they change the weights' shapes or
 # meaning (model), how they are split (parallel.tensor) or how the optimizer states are laid out
 RESUME_FIXED = ("model.objective", "model.vocab_size", "model.mask_token_id", "model.n_layers", "model.d_model",
@@ -75,13 +82,32 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     return fixed, changed
 
 
+def listed_files(tag_dir: Path) -> dict[str, int] | None:
+    """name -> size of every file the ranks wrote, as recorded in COMPLETE (None for checkpoints
+    written before COMPLETE carried the list)."""
+    try:
+        return json.loads((Path(tag_dir) / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def damaged_files(tag_dir: Path) -> list[str]:
-    """The checkpoint's torch files that are empty or truncated (a torch.save file is a zip whose
-    directory sits at its end: opening it reads only that directory, not the tensors)."""
+    """The checkpoint's files that are missing or have another size than when it was written
+    (COMPLETE's list), and its torch files that are empty or truncated (a torch.save file is a zip
+    whose directory sits at its end: opening it reads only that directory, not the tensors)."""
     import zipfile
 
     damaged = []
+    for name, size in sorted((listed_files(tag_dir) or {}).items()):
+        try:
+            if (Path(tag_dir) / name).stat().st_size == size:
+                continue
+        except OSError:
+            pass
+        damaged.append(name)
     for path in sorted(Path(tag_dir).glob("*.pt")):
+        if path.name in damaged:
+            continue
         try:
             with zipfile.ZipFile(path) as archive:
                 archive.infolist()
@@ -95,10 +121,34 @@ def saved_run_config(tag_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """Written, flushed to storage, then renamed into place (and the rename made durable)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sizes(tag_dir: Path) -> dict[str, int]:
+    """name -> size of the torch files in tag_dir (what DeepSpeed's ranks write), as this rank
+    sees them."""
+    out = {}
+    with os.scandir(tag_dir) as entries:
+        for entry in entries:
+            if entry.name.endswith(".pt") and entry.is_file():
+                out[entry.name] = entry.stat().st_size
+    return out
 
 
 class CheckpointManager:
@@ -112,25 +162,68 @@ class CheckpointManager:
         """`attach`: name -> file or folder copied into the checkpoint by rank 0 (the data's
         manifest and tokenizer, so evaluation and sampling need nothing else)."""
         tag = tag_for(step)
-        if self.rank == 0 and (self.root / tag / COMPLETE).is_file():
-            (self.root / tag / COMPLETE).unlink()  # rewritten in place: not complete until done again
+        tag_dir = self.root / tag
+        if self.rank == 0 and (tag_dir / COMPLETE).is_file():
+            (tag_dir / COMPLETE).unlink()  # rewritten in place: not complete until done again
         _barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         _barrier()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            os.sync()  # this node's writes reach storage before COMPLETE vouches for them
+        files = self._files_everyone_wrote(tag_dir)
+        error = ""
         if self.rank == 0:
-            if client_state.get("run_config") is not None:
-                _write_atomic(self.root / tag / RUN_CONFIG, json.dumps(client_state["run_config"], indent=1))
-            for name, src in (attach or {}).items():
-                dst = self.root / tag / name
-                if Path(src).is_dir():
-                    shutil.copytree(src, dst, dirs_exist_ok=True)
-                elif Path(src).is_file():
-                    shutil.copyfile(src, dst)
-            _write_atomic(self.root / tag / COMPLETE, f"{step}\n")
-            _write_atomic(self.root / "latest", tag)
-            self._prune()
-        _barrier()
-        return self.root / tag
+            try:
+                if files is None:
+                    raise RuntimeError(
+                        f"checkpoint {tag_dir}: files written by other ranks are not visible to rank 0 after "
+                        f"{VISIBILITY_WAIT_S:.0f} s: run_dir must be storage that every node mounts (shared "
+                        f"filesystem), not a node-local disk")
+                if client_state.get("run_config") is not None:
+                    _write_atomic(tag_dir / RUN_CONFIG, json.dumps(client_state["run_config"], indent=1))
+                for name, src in (attach or {}).items():
+                    dst = tag_dir / name
+                    if Path(src).is_dir():
+                        shutil.copytree(src, dst, dirs_exist_ok=True)
+                    elif Path(src).is_file():
+                        shutil.copyfile(src, dst)
+                _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+                _write_atomic(self.root / "latest", tag)
+                self._prune()
+            except (OSError, RuntimeError) as err:  # e.g. a full disk: the previous checkpoint stays
+                error = str(err)
+                shutil.rmtree(tag_dir, ignore_errors=True)
+        # every rank learns the outcome (rank 0's failure must not leave the others in a barrier)
+        if not all_ranks_agree(not error, self.device):
+            newest = complete_tags(self.root)
+            raise RuntimeError(f"checkpoint {tag} was not written ({error or 'failed on rank 0'}); "
+                               f"newest complete: {newest[-1] if newest else 'none'}")
+        return tag_dir
+
+    def _files_everyone_wrote(self, tag_dir: Path) -> dict[str, int] | None:
+        """On rank 0: name -> size of the files of tag_dir that any rank sees, once rank 0 sees
+        them all at those sizes (shared storage may show other nodes' writes late), or None when
+        it still does not after VISIBILITY_WAIT_S. Collective."""
+        mine = _sizes(tag_dir) if tag_dir.is_dir() else {}
+        views = [mine]
+        if _distributed():
+            views = [None] * dist.get_world_size()
+            dist.all_gather_object(views, mine)
+        if self.rank != 0:
+            return None
+        wanted = {}
+        for view in views:
+            wanted.update(view)
+        deadline = time.monotonic() + VISIBILITY_WAIT_S
+        while True:
+            seen = _sizes(tag_dir) if tag_dir.is_dir() else {}
+            if all(seen.get(name) == size for name, size in wanted.items()):
+                return wanted
+            if time.monotonic() > deadline:
+                missing = sorted(n for n, size in wanted.items() if seen.get(n) != size)
+                log.error("checkpoint %s: not visible to rank 0: %s", tag_dir, ", ".join(missing[:5]))
+                return None
+            time.sleep(1.0)
 
     def is_complete(self, step: int) -> bool:
         return (self.root / tag_for(step) / COMPLETE).is_file()
@@ -138,7 +231,21 @@ class CheckpointManager:
     def _prune(self) -> None:
         tags = complete_tags(self.root)
         for old in tags[:-self.keep_last] if self.keep_last > 0 else []:
+            (self.root / old / COMPLETE).unlink(missing_ok=True)  # an interrupted prune leaves no "complete" remains
             shutil.rmtree(self.root / old, ignore_errors=True)
+
+    def _abandon_newer(self, tag: str) -> None:
+        """Rank 0: move the complete checkpoints newer than `tag`, the one resumed, out of the
+        step namespace, so `--resume auto` and keep_last follow the resumed line from now on."""
+        newer = [t for t in complete_tags(self.root) if t > tag]
+        if not newer:
+            return
+        target = self.root / ABANDONED
+        target.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for t in newer:
+            os.replace(self.root / t, target / f"{t}-{stamp}")
+        log.warning("resumed from %s: the newer checkpoints %s were moved to %s", tag, ", ".join(newer), target)
 
     def _newest_first(self) -> list[str]:
         """Rank 0's view of the complete checkpoints, newest first, on every rank (a node whose
@@ -152,6 +259,7 @@ class CheckpointManager:
         """Load `which` ('auto' = newest complete, or a tag / path); returns the client state.
         `check(tag_dir)` runs first and may refuse the checkpoint (it raises); it returns whether
         the weights must match the model key for key (False lets FP8 scaling state differ)."""
+        configured_root = self.root
         if which == "auto":
             candidates = self._newest_first()
             if not candidates:
@@ -164,16 +272,17 @@ class CheckpointManager:
                 raise FileNotFoundError(f"checkpoint '{which}' is missing or incomplete (no {COMPLETE} marker)")
             self.root, candidates = root, [tag]
         for i, tag in enumerate(candidates):
-            strict = check(self.root / tag) if check is not None else True
             # files are checked before any rank starts DeepSpeed's load: under ZeRO-3 that load
             # ends in collectives, which a rank that failed half-way would never join
             damaged = damaged_files(self.root / tag)
             if not all_ranks_agree(not damaged, self.device):
                 log.warning("checkpoint %s could not be loaded (%s)", self.root / tag,
-                            f"unreadable: {', '.join(damaged)}" if damaged else "a file is unreadable on another rank")
+                            f"missing or damaged: {', '.join(damaged)}" if damaged
+                            else "a file is missing or damaged on another rank")
                 if which != "auto":
                     raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
                 continue
+            strict = check(self.root / tag) if check is not None else True
             try:
                 load_path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=strict)
             except Exception as err:
@@ -183,6 +292,9 @@ class CheckpointManager:
             if all_ranks_agree(load_path is not None, self.device):
                 if i > 0 and self.rank == 0:
                     log.warning("resumed from %s: newer checkpoints were unreadable", tag)
+                if self.rank == 0 and self.root == configured_root:
+                    self._abandon_newer(tag)
+                _barrier()
                 return client_state
             if which != "auto":
                 raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")

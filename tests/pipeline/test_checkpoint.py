@@ -1,0 +1,108 @@
+"""Checkpoint storage semantics: which checkpoint a resume continues after going back to an older
+one, missing shard files, a run_dir that other nodes' ranks cannot see, and what COMPLETE vouches
+for. Real DeepSpeed training where the trainer is involved; a stand-in engine (it writes one file
+per rank) where only the manager's collective bookkeeping is under test."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline import checkpoint as ckpt
+
+from .conftest import free_port, launch_train, run_single
+
+FAST = ("tracking.enabled=false", "train.log_every=1", "eval.max_batches=1", "sample.num_samples=1",
+        "sample.steps=4")
+
+
+def test_resuming_an_older_checkpoint_leaves_the_newer_ones_behind(markov_data, tmp_path):
+    """Back to step 8 of a run that reached 10 (e.g. after a loss spike): the run continues from 8,
+    and a later --resume auto follows that line, not the abandoned step 10."""
+    args = (*FAST, "train.checkpoint_every=2", "train.keep_last=2")
+    run_single(tmp_path, markov_data, *args, "train.max_steps=10")
+    assert ckpt.complete_tags(tmp_path / "checkpoints") == ["step00000008", "step00000010"]
+    out = run_single(tmp_path, markov_data, *args, "train.max_steps=9", resume="step00000008")
+    text = out.stdout + out.stderr
+    assert "resumed at step 8" in text and "the newer checkpoints step00000010 were moved to" in text
+    assert ckpt.complete_tags(tmp_path / "checkpoints") == ["step00000008", "step00000009"]
+    [abandoned] = (tmp_path / "checkpoints" / ckpt.ABANDONED).iterdir()
+    assert abandoned.name.startswith("step00000010-") and (abandoned / ckpt.COMPLETE).is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000009"
+    again = run_single(tmp_path, markov_data, *args, "train.max_steps=9", resume="auto")
+    assert "resumed at step 9" in again.stdout + again.stderr
+
+
+def test_a_missing_shard_falls_back_to_the_previous_checkpoint(markov_data, tmp_path):
+    """COMPLETE lists every rank's files with their sizes: a shard lost afterwards (an interrupted
+    cleanup, a storage fault) makes that checkpoint damaged, not a different data-parallel size."""
+    args = (*FAST, "train.checkpoint_every=2", "train.keep_last=3", "train.zero_stage=2")
+    launch_train(tmp_path, markov_data, *args, "train.max_steps=4")
+    listed = ckpt.listed_files(tmp_path / "checkpoints" / "step00000004")
+    lost = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert listed[lost] == (tmp_path / "checkpoints" / "step00000004" / lost).stat().st_size > 0
+    assert json.loads((tmp_path / "checkpoints" / "step00000004" / ckpt.COMPLETE).read_text())["step"] == 4
+    (tmp_path / "checkpoints" / "step00000004" / lost).unlink()
+    out = launch_train(tmp_path, markov_data, *args, "train.max_steps=5", resume="auto")
+    text = out.stdout + out.stderr
+    assert f"missing or damaged: {lost}" in text and "resumed at step 2" in text, text[-3000:]
+    assert ckpt.complete_tags(tmp_path / "checkpoints") == ["step00000002", "step00000004", "step00000005"]
+
+
+class OneFilePerRank:
+    """Stands in for a DeepSpeed engine: each rank writes its own shard, as ZeRO does."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        with open(os.path.join(root, tag, f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"), "wb") as fh:
+            fh.write(b"x" * (100 + self.rank))
+
+
+def save_worker(rank: int, size: int, port: int, roots: list[str], queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        ckpt.VISIBILITY_WAIT_S = 2.0
+        manager = ckpt.CheckpointManager(roots[rank], keep_last=2, rank=rank)
+        try:
+            manager.save(OneFilePerRank(rank), 3, {"run_config": {"model": {}}})
+            queue.put((rank, "saved"))
+        except RuntimeError as err:
+            queue.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def save_on_two_ranks(roots: list[str]) -> dict[int, str]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=save_worker, args=(r, 2, port, roots, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
+def test_complete_is_written_only_once_rank_0_sees_every_rank_s_files(tmp_path):
+    shared = str(tmp_path / "shared")
+    assert save_on_two_ranks([shared, shared]) == {0: "saved", 1: "saved"}
+    tag_dir = tmp_path / "shared" / "step00000003"
+    assert ckpt.listed_files(tag_dir) == {"zero_pp_rank_0_mp_rank_00_optim_states.pt": 100,
+                                          "zero_pp_rank_1_mp_rank_00_optim_states.pt": 101}
+    assert ckpt.damaged_files(tag_dir) == ["zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                           "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # no zip: not torch files
+    # a node-local run_dir: the same path on two nodes, two different folders
+    local = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    results = save_on_two_ranks(local)
+    assert "run_dir must be storage that every node mounts" in results[0], results
+    assert "was not written" in results[1], results
+    assert not (tmp_path / "node0" / "step00000003").exists()      # the partial checkpoint is removed
+    assert ckpt.complete_tags(tmp_path / "node0") == [] and not (tmp_path / "node0" / "latest").exists()
