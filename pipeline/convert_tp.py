@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import re
 import sys
@@ -72,7 +73,8 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     torch.save(merged, tmp)
     os.replace(tmp, target)
-    (out_dir / COMPLETE).write_text(f"{merged.get('step', 0)}\n")
+    files = {target.name: target.stat().st_size}
+    (out_dir / COMPLETE).write_text(json.dumps({"step": merged.get("step", 0), "files": files}, indent=1) + "\n")
     (Path(out) / "latest").write_text(ckpt.name)
     return out_dir
 
