@@ -1,7 +1,7 @@
 """DeepSpeed checkpoints with completeness markers, `latest`, retention and fallback on resume.
 
 A checkpoint directory <root>/step00000123/ is complete once every rank finished writing, each
-node flushed its writes to storage, rank 0 saw every rank's files (a run_dir that is not shared
+node fsynced the checkpoint's files, rank 0 saw every rank's files (a run_dir that is not shared
 storage stops here, by name) and wrote COMPLETE into it with their names and sizes; only then is
 <root>/latest (re)written, atomically. Resume picks the newest complete checkpoint and falls back
 to older ones if a file is missing, cut short or unloadable; rank 0 chooses and every rank loads
@@ -129,6 +129,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_files(tag_dir: Path) -> None:
+    """fsync every torch file of tag_dir from this node (a no-op for files it did not write), and
+    the folder itself."""
+    if not tag_dir.is_dir():
+        return
+    for path in tag_dir.glob("*.pt"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(tag_dir)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Written, flushed to storage, then renamed into place (and the rename made durable)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -169,7 +186,7 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         _barrier()
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            os.sync()  # this node's writes reach storage before COMPLETE vouches for them
+            _fsync_files(tag_dir)  # this node's writes reach storage before COMPLETE vouches for them
         files = self._files_everyone_wrote(tag_dir)
         error = ""
         if self.rank == 0:

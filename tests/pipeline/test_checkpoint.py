@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from pipeline import checkpoint as ckpt
 
-from .conftest import free_port, launch_train, run_single
+from .conftest import free_port, run_single
 
 FAST = ("tracking.enabled=false", "train.log_every=1", "eval.max_batches=1", "sample.num_samples=1",
         "sample.steps=4")
@@ -37,15 +37,16 @@ def test_resuming_an_older_checkpoint_leaves_the_newer_ones_behind(markov_data, 
 
 def test_a_missing_shard_falls_back_to_the_previous_checkpoint(markov_data, tmp_path):
     """COMPLETE lists every rank's files with their sizes: a shard lost afterwards (an interrupted
-    cleanup, a storage fault) makes that checkpoint damaged, not a different data-parallel size."""
+    cleanup, a storage fault) makes that checkpoint damaged (with several ranks it used to read as a
+    different data-parallel size), and the resume falls back."""
     args = (*FAST, "train.checkpoint_every=2", "train.keep_last=3", "train.zero_stage=2")
-    launch_train(tmp_path, markov_data, *args, "train.max_steps=4")
+    run_single(tmp_path, markov_data, *args, "train.max_steps=4")
     listed = ckpt.listed_files(tmp_path / "checkpoints" / "step00000004")
-    lost = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    lost = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     assert listed[lost] == (tmp_path / "checkpoints" / "step00000004" / lost).stat().st_size > 0
     assert json.loads((tmp_path / "checkpoints" / "step00000004" / ckpt.COMPLETE).read_text())["step"] == 4
     (tmp_path / "checkpoints" / "step00000004" / lost).unlink()
-    out = launch_train(tmp_path, markov_data, *args, "train.max_steps=5", resume="auto")
+    out = run_single(tmp_path, markov_data, *args, "train.max_steps=5", resume="auto")
     text = out.stdout + out.stderr
     assert f"missing or damaged: {lost}" in text and "resumed at step 2" in text, text[-3000:]
     assert ckpt.complete_tags(tmp_path / "checkpoints") == ["step00000002", "step00000004", "step00000005"]
