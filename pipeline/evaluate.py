@@ -1,7 +1,9 @@
 """Likelihood evaluation: the MDLM perplexity bound (or AR perplexity) and the unigram baseline.
 
 `python -m pipeline.evaluate --checkpoint RUN_DIR/checkpoints[/stepN] [--data DIR] [--time-samples K]
-[--discrete-steps T]` prints and writes a JSON result. Conventions (recorded with every result):
+[--discrete-steps T]` prints and writes a JSON result; under torchrun, deepspeed or srun every rank
+loads the model and scores every W-th sequence (the same result for any number of ranks, since each
+sequence's Monte Carlo draws are seeded by its key). Conventions (recorded with every result):
 every stored position of a sequence is scored, BOS and EOS included; documents are packed as
 BOS + chunk + EOS with EOS between documents (wrap mode).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -155,7 +158,25 @@ def unigram_perplexity(data_dir: str | Path, eval_split: str = "val", train_spli
             "unigram_train_tokens": int(train_counts.sum())}
 
 
+def _launched_ranks(device_arg: str):
+    """(rank, world size, device) of this process: a one-process run uses --device; every rank of a
+    multi-process launch uses its own GPU (its local rank), or the CPU on a machine without one."""
+    from .distributed import _env_from_slurm, init_distributed
+
+    _env_from_slurm()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        device = torch.device("cuda" if device_arg == "auto" and torch.cuda.is_available() else
+                              "cpu" if device_arg == "auto" else device_arg)
+        return 0, 1, device
+    if device_arg != "auto":
+        raise ValueError(f"--device {device_arg} with {os.environ['WORLD_SIZE']} ranks: leave --device auto, "
+                         "each rank then takes the GPU of its local rank (or the CPU where there is none)")
+    info = init_distributed()
+    return info.rank, info.world_size, info.device
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import shutdown_distributed
     from .inference import (check_same_tokenizer, checkpoint_run_config, load_checkpoint_model, resolve_checkpoint,
                             training_data)
 
@@ -165,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--time-samples", type=int, default=16)
     parser.add_argument("--discrete-steps", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-batches", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch on each rank")
+    parser.add_argument("--max-batches", type=int, default=0,
+                        help="batches per rank (0 = the whole split): W ranks score the first "
+                             "W x max-batches x batch-size sequences")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -174,35 +197,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.time_samples < 2:
         parser.error(f"--time-samples {args.time_samples}: the standard error needs at least 2 draws per sequence")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    # every check that needs no weights, before loading them
+    if args.batch_size < 1 or args.max_batches < 0 or args.discrete_steps < 0:
+        parser.error(f"--batch-size {args.batch_size}, --max-batches {args.max_batches}, --discrete-steps "
+                     f"{args.discrete_steps}: need a batch size >= 1 and no negative counts")
+    # every check that needs no weights, before loading them (or starting a process group)
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         config = checkpoint_run_config(ckpt)
         data = args.data or config["data"]["path"]
         manifest = load_manifest(data)
+        if args.split not in manifest["splits"]:
+            raise ValueError(f"split '{args.split}' not in {data}/manifest.json (has {', '.join(manifest['splits'])})")
         try:
             trained_on, _ = training_data(ckpt, config["data"]["path"])
             warnings = check_same_tokenizer(ckpt, trained_on, data, manifest)
         except FileNotFoundError:  # an older checkpoint whose training data has moved
             warnings = [f"{ckpt} holds no copy of its training data's manifest and its data.path "
                         f"'{config['data']['path']}' is gone: the tokenizer of '{data}' could not be checked"]
+        rank, world, device = _launched_ranks(args.device)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    if rank == 0:
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     loaded = load_checkpoint_model(ckpt, use_ema=not args.no_ema, device=device)
     result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
-                                 args.max_batches, args.seed, device=device, discrete_steps=args.discrete_steps)
-    result.update(unigram_perplexity(data, args.split, max_eval_samples=args.max_batches * args.batch_size))
-    result["conventions"] = conventions(manifest, loaded.model.cfg.objective)
-    result["checkpoint"] = str(loaded.path)
-    result["warnings"] = warnings
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+                                 args.max_batches, args.seed, rank=rank, world_size=world, device=device,
+                                 discrete_steps=args.discrete_steps)
+    if rank == 0:
+        result.update(unigram_perplexity(data, args.split,
+                                         max_eval_samples=args.max_batches * args.batch_size * world))
+        result["conventions"] = conventions(manifest, loaded.model.cfg.objective)
+        result["checkpoint"] = str(loaded.path)
+        result["ranks"] = world
+        result["warnings"] = warnings
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+    shutdown_distributed()
     return 0
 
 

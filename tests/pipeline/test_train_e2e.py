@@ -3,6 +3,7 @@ webdataset shards, checkpoints and resume, and an MLflow sqlite store read back 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, launch_train
+from .conftest import ROOT, free_port, launch_train
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
@@ -115,6 +116,16 @@ def test_evaluate_cli_reports_bound_with_error_and_conventions(runs, tmp_path):
     run_cli("-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"] / "checkpoints"),
             "--time-samples", "4", "--max-batches", "2", "--batch-size", "8", "--output", str(again))
     assert json.loads(again.read_text())["nelbo"] == result["nelbo"]  # deterministic for a seed
+    # two ranks score every other sequence of the same first 16: the same bound and interval
+    ranks2 = tmp_path / "ranks2.json"
+    run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"] / "checkpoints"),
+            "--time-samples", "4", "--max-batches", "1", "--batch-size", "8", "--output", str(ranks2))
+    split = json.loads(ranks2.read_text())
+    assert split["ranks"] == 2 and split["tokens"] == result["tokens"] and split["sequences"] == 16
+    assert math.isclose(split["nelbo"], result["nelbo"], rel_tol=1e-6)
+    assert math.isclose(split["nelbo_se"], result["nelbo_se"], rel_tol=1e-6)
+    assert split["unigram_tokens"] == result["unigram_tokens"]
     discrete = tmp_path / "discrete.json"
     run_cli("-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"]), "--discrete-steps", "10",
             "--time-samples", "4", "--max-batches", "2", "--batch-size", "8", "--output", str(discrete))
