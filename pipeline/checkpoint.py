@@ -183,14 +183,26 @@ class CheckpointManager:
         if self.rank == 0 and (tag_dir / COMPLETE).is_file():
             (tag_dir / COMPLETE).unlink()  # rewritten in place: not complete until done again
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        write_error = ""
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as err:
+            # a failed write (full disk, I/O error: torch.save raises RuntimeError) comes after
+            # DeepSpeed's gathers, with the other ranks waiting in its closing barrier: meet them
+            # there, so that every rank learns of the failure below instead of waiting for the
+            # process-group timeout
+            write_error = f"rank {self.rank}: {err}"
+            log.error("checkpoint %s: %s", tag_dir, write_error)
+            _barrier()
         _barrier()
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             _fsync_files(tag_dir)  # this node's writes reach storage before COMPLETE vouches for them
-        files = self._files_everyone_wrote(tag_dir)
-        error = ""
+        files, write_errors = self._files_everyone_wrote(tag_dir, write_error)
+        error = write_error
         if self.rank == 0:
             try:
+                if write_errors:
+                    raise RuntimeError("; ".join(write_errors))
                 if files is None:
                     raise RuntimeError(
                         f"checkpoint {tag_dir}: files written by other ranks are not visible to rank 0 after "
@@ -213,33 +225,37 @@ class CheckpointManager:
         # every rank learns the outcome (rank 0's failure must not leave the others in a barrier)
         if not all_ranks_agree(not error, self.device):
             newest = complete_tags(self.root)
-            raise RuntimeError(f"checkpoint {tag} was not written ({error or 'failed on rank 0'}); "
+            cause = error or "failed on another rank: rank 0's log names it"
+            raise RuntimeError(f"checkpoint {tag} was not written ({cause}); "
                                f"newest complete: {newest[-1] if newest else 'none'}")
         return tag_dir
 
-    def _files_everyone_wrote(self, tag_dir: Path) -> dict[str, int] | None:
-        """On rank 0: name -> size of the files of tag_dir that any rank sees, once rank 0 sees
+    def _files_everyone_wrote(self, tag_dir: Path, write_error: str) -> tuple[dict[str, int] | None, list[str]]:
+        """On rank 0: (name -> size of the files of tag_dir that any rank sees, once rank 0 sees
         them all at those sizes (shared storage may show other nodes' writes late), or None when
-        it still does not after VISIBILITY_WAIT_S. Collective."""
-        mine = _sizes(tag_dir) if tag_dir.is_dir() else {}
+        it still does not after VISIBILITY_WAIT_S; the ranks' write errors). Collective."""
+        mine = (_sizes(tag_dir) if tag_dir.is_dir() else {}, write_error)
         views = [mine]
         if _distributed():
             views = [None] * dist.get_world_size()
             dist.all_gather_object(views, mine)
         if self.rank != 0:
-            return None
+            return None, []
+        errors = [error for _, error in views if error]
+        if errors:
+            return None, errors
         wanted = {}
-        for view in views:
+        for view, _ in views:
             wanted.update(view)
         deadline = time.monotonic() + VISIBILITY_WAIT_S
         while True:
             seen = _sizes(tag_dir) if tag_dir.is_dir() else {}
             if all(seen.get(name) == size for name, size in wanted.items()):
-                return wanted
+                return wanted, []
             if time.monotonic() > deadline:
                 missing = sorted(n for n, size in wanted.items() if seen.get(n) != size)
                 log.error("checkpoint %s: not visible to rank 0: %s", tag_dir, ", ".join(missing[:5]))
-                return None
+                return None, []
             time.sleep(1.0)
 
     def is_complete(self, step: int) -> bool:

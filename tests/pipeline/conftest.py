@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 
 from tests.synthetic import write_markov_shards
 
@@ -18,6 +19,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_two_ranks(target, timeout: float) -> list:
+    """target(rank, 2, port, queue) in 2 spawned processes; what each put on the queue, by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=timeout) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
 
 
 def launch_train(run_dir: Path, data_dir: Path, *overrides: str, processes: int = 2,

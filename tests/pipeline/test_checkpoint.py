@@ -4,15 +4,17 @@ for. Real DeepSpeed training where the trainer is involved; a stand-in engine (i
 per rank) where only the manager's collective bookkeeping is under test."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline import checkpoint as ckpt
 
-from .conftest import free_port, run_single
+from .conftest import free_port, run_single, run_two_ranks
 
 FAST = ("tracking.enabled=false", "train.log_every=1", "eval.max_batches=1", "sample.num_samples=1",
         "sample.steps=4")
@@ -107,3 +109,55 @@ def test_complete_is_written_only_once_rank_0_sees_every_rank_s_files(tmp_path):
     assert "was not written" in results[1], results
     assert not (tmp_path / "node0" / "step00000003").exists()      # the partial checkpoint is removed
     assert ckpt.complete_tags(tmp_path / "node0") == [] and not (tmp_path / "node0" / "latest").exists()
+
+
+def full_disk_worker(rank: int, size: int, port: int, queue, root: str):
+    """A real ZeRO-2 engine whose rank 1 cannot write its optimizer shard (torch.save's error on a
+    full disk), after DeepSpeed's gathers, with rank 0 waiting in DeepSpeed's closing barrier."""
+    import datetime
+
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(size))
+    # a rank left waiting would fail the test at this timeout, not pass it
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8)
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+        engine, *_ = deepspeed.initialize(model=model, config=config,
+                                          optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+        manager = ckpt.CheckpointManager(root, keep_last=2, rank=rank)
+        manager.save(engine, 1, {"run_config": {"model": {}}})
+        if rank == 1:
+            write = engine.checkpoint_engine.save
+
+            def full_disk(state, path):
+                if "optim_states" in str(path):
+                    with open(path, "wb") as fh:
+                        fh.write(b"PK partial")
+                    raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed "
+                                       "writing file data/0: file write failed")
+                return write(state, path)
+
+            engine.checkpoint_engine.save = full_disk
+        try:
+            manager.save(engine, 2, {"run_config": {"model": {}}})
+            queue.put((rank, "saved"))
+        except RuntimeError as err:
+            queue.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_shard_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path):
+    root = tmp_path / "checkpoints"
+    results = dict(run_two_ranks(functools.partial(full_disk_worker, root=str(root)), timeout=120))
+    for rank in (0, 1):
+        assert "checkpoint step00000002 was not written" in results[rank], results
+        assert "newest complete: step00000001" in results[rank], results
+    assert "rank 1: [enforce fail" in results[0] and "file write failed" in results[1], results
+    assert ckpt.complete_tags(root) == ["step00000001"] and not (root / "step00000002").exists()
+    assert (root / "latest").read_text() == "step00000001"
+

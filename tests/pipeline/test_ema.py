@@ -11,13 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline import ema as ema_module
 from pipeline.ema import PartitionedEMA
 
-from .conftest import free_port
+from .conftest import free_port, run_two_ranks
 
 SHAPES = {"a": (3, 5), "b": (7,), "c": (2, 2, 3)}   # group 0: a, b; group 1: c
 PAD = 2                                              # alignment padding after every parameter but the last
@@ -85,21 +84,6 @@ def worker(rank: int, size: int, port: int, queue):
                    sum(s.numel() for s in ema.shards)))
     finally:
         dist.destroy_process_group()
-
-
-def run_two_ranks(target, timeout: float) -> list:
-    """target(rank, 2, port, queue) in 2 spawned processes; what each put on the queue, by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted((queue.get(timeout=timeout) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
 
 
 def test_partitioned_ema_assembles_checkpoints_and_reloads_exactly():
