@@ -3,7 +3,7 @@ DeepSpeed step (and FP8 variants), same model, same micro-batch, same data.
 
 GPU (one H100/H200):
     python bench/train_throughput.py --preset mdlm-1b --micro-batch 8 --seq-len 1024 --compile \
-        --modes plain,deepspeed,deepspeed-fp8 [--data DIR --loss-steps 300]
+        --modes plain,deepspeed,deepspeed-fp8 [--data DIR --loss-steps 200]
 CPU smoke run (tiny preset):
     python bench/train_throughput.py --preset mdlm-tiny --device cpu --micro-batch 4 --seq-len 64 \
         --steps 3 --warmup 1 --precision fp32
@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default="", help="a data_prep dir: train on real text instead of random ids")
     p.add_argument("--loss-steps", type=int, default=0, help="also train this many steps per mode and report the loss")
+    p.add_argument("--lr-warmup", type=int, default=50,
+                   help="linear LR warmup steps (to 3e-4): a 1B model trained from scratch at full LR can spike")
     p.add_argument("--output", default="", help="write the figures as JSON here")
     return p.parse_args(argv)
 
@@ -75,6 +77,11 @@ def batch_source(args, vocab: int, device):
             raise SystemExit(f"--data {args.data} holds seq_len {manifest['seq_len']} and vocab "
                              f"{manifest['model_vocab_size']}: pass --seq-len {manifest['seq_len']} and a "
                              f"--vocab-size of at least {manifest['model_vocab_size']}")
+        available = sum(int(shard["samples"]) for shard in manifest["splits"]["train"]["shards"])
+        wanted = (args.warmup + args.steps + args.loss_steps) * args.grad_accum * args.micro_batch
+        if wanted > available:
+            print(f"warning: a mode trains on {wanted} sequences but {args.data} holds {available}: the last "
+                  f"{wanted - available} repeat (the loss is then partly on seen text)", file=sys.stderr)
         stream = batches(ShardStream(args.data, "train", seed=0), args.micro_batch)
         while True:
             yield next(stream)[0].to(device)
@@ -98,7 +105,7 @@ def run_config(args, cfg_model) -> RunConfig:
     if args.ds_config != "none":  # a path that does not exist fails in build_deepspeed_config
         cfg.train.deepspeed_config = args.ds_config or (str(default) if default.is_file() else "")
     cfg.train.precision = args.precision
-    cfg.optim.warmup_steps = 0
+    cfg.optim.warmup_steps = args.lr_warmup
     return cfg
 
 
@@ -133,7 +140,7 @@ def build(args, mode: str, device):
                 engine.step()
             return out.loss
 
-        return model, step
+        return model, step, engine
     model.to(device)  # fp32 weights, bf16 autocast: the plain PyTorch recipe
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=3e-4, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run_config(args, cfg_model)))
@@ -150,11 +157,23 @@ def build(args, mode: str, device):
         opt.zero_grad(set_to_none=True)
         return out.loss
 
-    return model, step
+    return model, step, None
 
 
 def measure(args, mode: str, device) -> dict:
-    model, step = build(args, mode, device)
+    model, step, engine = build(args, mode, device)
+    try:
+        return _measure(args, mode, device, model, step)
+    finally:
+        if engine is not None:  # DeepSpeed's hooks keep an engine (weights, optimizer) alive otherwise
+            engine.destroy()
+        del model, step, engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _measure(args, mode: str, device, model, step) -> dict:
     flops_tok = metrics.model_flops_per_token(model.cfg, metrics.matmul_params(model), args.seq_len,
                                               metrics.conditioning_params(model))
     data = batch_source(args, model.cfg.vocab_size, device)
@@ -184,9 +203,6 @@ def measure(args, mode: str, device) -> dict:
             losses.append(float(step(next(data), t, u).detach()))
         tail = losses[-max(1, args.loss_steps // 10):]
         result["loss_after"] = {"steps": args.warmup + args.steps + args.loss_steps, "mean_last_10pct": sum(tail) / len(tail)}
-    del model, step
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -196,6 +212,13 @@ def write_figures(path: str, device_name: str, args, results: list, failed: list
                                           "failed": failed}, indent=2))
 
 
+def print_row(r: dict, base: dict) -> None:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
+    loss = r.get("loss_after", {}).get("mean_last_10pct", r["last_loss"])
+    print(f"{r['mode']:<16}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}{r['model_tflops']:>10.1f}{mfu:>8}"
+          f"{r['mem_gb']:>9.2f}{loss:>9.4f}", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -203,10 +226,13 @@ def main(argv=None) -> int:
     if any(m.startswith("deepspeed") for m in modes):
         from pipeline.distributed import init_distributed
 
-        init_distributed()
+        info = init_distributed()
+        if device.type == "cuda":
+            device = info.device  # with its index: DeepSpeed binds the engine to it
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; preset {args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, "
           f"accumulation {args.grad_accum}, compile {args.compile}, zero {args.zero_stage}")
+    print(f"{'mode':<16}{'tokens/s':>12}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>9}{'loss':>9}", flush=True)
     results, failed = [], []
     multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     for mode in modes:  # one mode failing (e.g. out of memory) must not lose the others' figures
@@ -221,19 +247,16 @@ def main(argv=None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    write_figures(args.output, name, args, results, failed)
+        if results and results[-1]["mode"] == mode:
+            print_row(results[-1], next((r for r in results if r["mode"] == "plain"), results[0]))
+        # each finished mode is on disk at once: a run cut off by a time limit keeps its figures
+        write_figures(args.output, name, args, results, failed)
     if not results:
         return 1
     base = next((r for r in results if r["mode"] == "plain"), results[0])
-    print(f"{'mode':<16}{'tokens/s':>12}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>9}{'loss':>9}")
-    for r in results:
-        r["ratio_to_" + base["mode"]] = r["tokens_per_s"] / base["tokens_per_s"]
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
-        loss = r.get("loss_after", {}).get("mean_last_10pct", r["last_loss"])
-        print(f"{r['mode']:<16}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}"
-              f"{r['model_tflops']:>10.1f}{mfu:>8}{r['mem_gb']:>9.2f}{loss:>9.4f}")
     by_mode = {r["mode"]: r for r in results}
     for r in results:  # each FP8 (or mixed) mode against its bf16 counterpart
+        r["ratio_to_" + base["mode"]] = r["tokens_per_s"] / base["tokens_per_s"]
         base_mode = r["mode"].rsplit("-", 1)[0] if "-" in r["mode"] else None
         if base_mode in by_mode:
             ref = by_mode[base_mode]

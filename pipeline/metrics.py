@@ -24,7 +24,10 @@ from model.config import ModelConfig
 from model.dit import is_conditioning
 from model.noise import make_schedule
 
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "A5000": 111.0}
+# dense bf16 peaks by device name, the most specific name first: torch names the H100 SXM
+# "NVIDIA H100 80GB HBM3", the PCIe and NVL cards "NVIDIA H100 PCIe" / "NVIDIA H100 NVL"
+PEAK_TFLOPS_BF16 = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0), ("A5000", 111.0))
 
 
 def matmul_params(model: nn.Module) -> int:
@@ -72,9 +75,12 @@ def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of the current GPU in FLOP/s, or None where unknown (CPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS_BF16.items():
-        if key in name:
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    for key, tflops in PEAK_TFLOPS_BF16:
+        if key in device_name:
             return tflops * 1e12
     return None
 

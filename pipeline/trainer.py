@@ -145,7 +145,8 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
         optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda", **hyper)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # DeepSpeed would otherwise bind LOCAL_RANK's GPU itself: wrong where each task sees one GPU
-    args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else None
+    args = SimpleNamespace(device_rank=index) if device.type == "cuda" else None
     engine, _, _, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config, dist_init_required=False, mpu=mpu)

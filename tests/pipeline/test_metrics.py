@@ -54,6 +54,11 @@ def test_flops_formula_matches_counted_flops(masked_logits_only):
 
 def test_peak_is_unknown_on_cpu():
     assert metrics.peak_flops(torch.device("cpu")) is None
+    assert metrics.peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12       # SXM
+    assert metrics.peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert metrics.peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert metrics.peak_flops_of("NVIDIA H200") == 989e12
+    assert metrics.peak_flops_of("NVIDIA GeForce RTX 4090") is None
     assert metrics.memory_gb(torch.device("cpu")) > 0
 
 
