@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help="comma list of plain, plain-fp8, plain-full (the output head on every position, "
                         "not only the masked ones), deepspeed (bf16 weights, fp32 master), "
                         "deepspeed-mixed (fp32 weights under autocast), deepspeed-fp8")
-    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--zero-stage", type=int, default=1, help="default: that of configs/train/mdlm-1b-h100.yaml")
     p.add_argument("--ds-config", default="",
                    help="DeepSpeed JSON merged under the generated config (default: configs/deepspeed/"
                         "zero<stage>.json, as the training configs use; 'none' for DeepSpeed's defaults)")

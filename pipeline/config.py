@@ -56,6 +56,10 @@ class TrainConfig:
     # weights under torch.autocast (the MDLM reference's recipe; DeepSpeed torch_autocast).
     # fp8: bf16 everywhere + FP8 block matmuls.
     precision: Literal["bf16", "bf16-mixed", "fp32", "fp8"] = "bf16"
+    # under bf16/fp8 weights: gradients accumulated over micro-batches and reduced over ranks in
+    # fp32 (as Megatron and torchtitan do; ZeRO-0 can only reduce in fp32) or in bf16 (half the
+    # traffic and gradient memory, rounded at every micro-batch and every reduction hop)
+    grad_precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: int = 2
     deepspeed_config: str = ""     # optional JSON merged under the generated DeepSpeed config
     ema: float = 0.9999            # 0 disables EMA
@@ -117,6 +121,16 @@ class SampleConfig:
     length: int = 0                # 0 = the data's seq_len
     top_p: float = 1.0
     seed: int = 0
+
+    def validate(self) -> None:  # checked at start, not after the whole training run
+        if self.num_samples < 0:
+            raise ConfigError(f"sample.num_samples={self.num_samples}: use 0 (no samples) or more")
+        if self.steps < 1:
+            raise ConfigError(f"sample.steps={self.steps}: the reverse process needs at least 1 step")
+        if self.length < 0:
+            raise ConfigError(f"sample.length={self.length}: use 0 (the data's seq_len) or a positive length")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sample.top_p={self.top_p}: must be in (0, 1]")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 
 from model.tensor_parallel import merge_state_dicts, strip_extra_state
 
-from .checkpoint import COMPLETE
+from .checkpoint import COMPLETE, DATA_MANIFEST, RUN_CONFIG
 from .inference import holds_weights, resolve_checkpoint
 
 KEEP = ("step", "tokens_seen", "skipped_steps", "run_config", "mlflow_run_id")
@@ -40,6 +41,11 @@ def model_state_files(ckpt: Path) -> list[Path]:
 
 def convert(checkpoint: str | Path, out: str | Path) -> Path:
     ckpt = resolve_checkpoint(checkpoint)
+    out_dir = Path(out) / ckpt.name
+    if out_dir.exists():
+        # the default or a typo could name the training checkpoints themselves: never write over them
+        raise ValueError(f"{out_dir} already exists{' (it is the checkpoint being converted)' if out_dir.resolve() == ckpt.resolve() else ''}: "
+                         "pass an --out directory that does not hold this checkpoint")
     files = model_state_files(ckpt)
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
     parallel = states[0].get("parallel") or {"tensor": 1, "layout": {}}
@@ -67,13 +73,18 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
     merged["parallel"] = {"tensor": 1, "data": 1, "layout": {}, "converted_from_tensor": tp}
     merged["world_size"] = 1
 
-    out_dir = Path(out) / ckpt.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True)
     target = out_dir / "mp_rank_00_model_states.pt"
     tmp = target.with_name(target.name + ".tmp")
     torch.save(merged, tmp)
     os.replace(tmp, target)
     files = {target.name: target.stat().st_size}
+    # self-contained like the training checkpoint: evaluate and sample need no data folder
+    (out_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
+    if (ckpt / DATA_MANIFEST).is_file():
+        shutil.copyfile(ckpt / DATA_MANIFEST, out_dir / DATA_MANIFEST)
+    if (ckpt / "tokenizer").is_dir():
+        shutil.copytree(ckpt / "tokenizer", out_dir / "tokenizer")
     (out_dir / COMPLETE).write_text(json.dumps({"step": merged.get("step", 0), "files": files}, indent=1) + "\n")
     (Path(out) / "latest").write_text(ckpt.name)
     return out_dir

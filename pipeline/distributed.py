@@ -41,6 +41,10 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     if torch.cuda.is_available():
         # sites that bind one GPU per task show each rank a single device, whatever its local rank
         gpu = local_rank % torch.cuda.device_count()
+        if gpu != local_rank:
+            # DeepSpeed binds cuda:$LOCAL_RANK itself (init_process_group's device_id, ZeRO-3's
+            # buffers): that device does not exist here, so it must hear the one this rank sees
+            os.environ["LOCAL_RANK"] = str(gpu)
         torch.cuda.set_device(gpu)
         device = torch.device("cuda", gpu)
         backend = "nccl"

@@ -162,12 +162,11 @@ def _launched_ranks(device_arg: str):
     """(rank, world size, device) of this process: a one-process run uses --device; every rank of a
     multi-process launch uses its own GPU (its local rank), or the CPU on a machine without one."""
     from .distributed import _env_from_slurm, init_distributed
+    from .inference import resolve_device
 
     _env_from_slurm()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        device = torch.device("cuda" if device_arg == "auto" and torch.cuda.is_available() else
-                              "cpu" if device_arg == "auto" else device_arg)
-        return 0, 1, device
+        return 0, 1, resolve_device(device_arg)
     if device_arg != "auto":
         raise ValueError(f"--device {device_arg} with {os.environ['WORLD_SIZE']} ranks: leave --device auto, "
                          "each rank then takes the GPU of its local rank (or the CPU where there is none)")
@@ -214,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError:  # an older checkpoint whose training data has moved
             warnings = [f"{ckpt} holds no copy of its training data's manifest and its data.path "
                         f"'{config['data']['path']}' is gone: the tokenizer of '{data}' could not be checked"]
+        if args.output and not Path(args.output).resolve().parent.is_dir():
+            raise FileNotFoundError(f"--output {args.output}: its folder does not exist")
         rank, world, device = _launched_ranks(args.device)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

@@ -121,6 +121,39 @@ def tokenizer_sha(config: dict) -> str | None:
         return None
 
 
+def check_judge(path: str | Path, samples_manifest: dict) -> None:
+    """Before sampling: the judge exists, is autoregressive, and (a project checkpoint) shares the
+    samples' tokenizer, since it scores their token ids as they are. Raises with the reason."""
+    import sys
+
+    if is_hf_directory(path):
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise RuntimeError("a Hugging Face model directory, but `transformers` is not installed: "
+                               "pip install transformers, or judge with an AR checkpoint of this project")
+        return
+    from .inference import checkpoint_run_config, resolve_checkpoint, training_data
+
+    ckpt = resolve_checkpoint(path)
+    config = checkpoint_run_config(ckpt)
+    objective = config["model"].get("objective", "mdlm")
+    if objective != "ar":
+        raise ValueError(f"{ckpt} is a model.objective={objective} checkpoint; the judge must be autoregressive "
+                         "(train one with model.objective=ar, or pass a Hugging Face causal-LM directory)")
+    try:
+        judge_manifest, _ = training_data(ckpt, config["data"]["path"])
+    except FileNotFoundError:
+        print(f"warning: the judge {ckpt} holds no copy of its training data's manifest: its tokenizer could "
+              "not be checked against the samples'", file=sys.stderr)
+        return
+    mine, theirs = samples_manifest["tokenizer"], judge_manifest["tokenizer"]
+    if mine.get("files") != theirs.get("files") or mine.get("vocab_size") != theirs.get("vocab_size"):
+        raise ValueError(f"{ckpt} was trained with tokenizer {theirs.get('name')} (vocab {theirs.get('vocab_size')}), "
+                         f"the samples use {mine.get('name')} (vocab {mine.get('vocab_size')}): a project judge "
+                         "scores token ids, so it needs the samples' tokenizer")
+
+
 def load_judge(path: str | Path, device="cpu", use_ema: bool = True):
     """A ProjectJudge from an AR checkpoint (run dir, checkpoints dir or step dir) or an HFJudge
     from a Hugging Face model directory."""

@@ -1,6 +1,7 @@
 """Load a trained model from a DeepSpeed checkpoint for evaluation and sampling, no engine needed."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from model.mdlm import build_model
 from model.tensor_parallel import strip_extra_state
 
-from .checkpoint import COMPLETE, DATA_MANIFEST, complete_tags, saved_run_config
+from .checkpoint import COMPLETE, DATA_MANIFEST, complete_tags, damaged_files, saved_run_config
 from .configtools import from_dict
 
 
@@ -23,8 +24,14 @@ class LoadedModel:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
+    """A step dir as given (refused when its files are damaged), or the newest complete and
+    undamaged checkpoint of a run dir or checkpoints dir (warning about each damaged newer one)."""
     path = Path(path)
     if (path / COMPLETE).is_file():
+        damaged = damaged_files(path)
+        if damaged:
+            raise ValueError(f"checkpoint {path} is damaged (missing, cut or resized: {', '.join(damaged[:3])}): "
+                             f"pass its checkpoints directory to use the newest intact one")
         return path
     tags = complete_tags(path)
     if not tags and (path / "checkpoints").is_dir():
@@ -33,7 +40,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not tags:
         raise FileNotFoundError(f"no complete checkpoint at '{path}': pass a run's checkpoints "
                                 "directory or one of its stepNNNNNNNN directories")
-    return path / tags[-1]
+    for tag in reversed(tags):
+        damaged = damaged_files(path / tag)
+        if not damaged:
+            return path / tag
+        print(f"warning: checkpoint {path / tag} is damaged ({', '.join(damaged[:3])}); trying the previous one",
+              file=sys.stderr)
+    raise ValueError(f"every complete checkpoint in '{path}' is damaged")
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (cuda when available), cpu, cuda or cuda:N, checked before any weights load."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}): "
+                             "use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def holds_weights(module_state: dict | None) -> bool:

@@ -4,7 +4,8 @@
         --seq-len 1024 --gpus 64 [--precision bf16] [--vocab 50258] [--activation-checkpointing]
 
 Model states (bytes per parameter held by this GPU, AdamW, as the trainer runs DeepSpeed):
-  bf16/fp8:   weights 2, gradients 2, optimizer 12 (fp32 master copy + Adam m and v)
+  bf16/fp8:   weights 2, gradients 4 (train.grad_precision=fp32, ZeRO 1-3; 2 with bf16 or ZeRO-0),
+              optimizer 12 (fp32 master copy + Adam m and v)
   bf16-mixed: weights 4, gradients 4, optimizer 12 with ZeRO-1/2 (their fp32 partition copy +
               Adam m and v), 8 with ZeRO-0/3; activations are bf16 as with bf16
   fp32:       as bf16-mixed, activations fp32
@@ -95,7 +96,8 @@ class MemoryEstimate:
 
 
 def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, seq_len: int, gpus: int,
-             precision: str = "bf16", ema: bool = True, activation_checkpointing: bool = False) -> MemoryEstimate:
+             precision: str = "bf16", ema: bool = True, activation_checkpointing: bool = False,
+             grad_precision: str = "fp32") -> MemoryEstimate:
     if gpus % tensor:
         raise ValueError(f"--tensor {tensor} must divide --gpus {gpus}")
     if cfg.n_heads % tensor:
@@ -107,6 +109,8 @@ def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, s
     # the optimizer holds an fp32 master copy whenever weights are bf16; ZeRO-1/2 also copy fp32
     # weights' partitions, ZeRO-3 updates fp32 partitions in place
     w_bytes, g_bytes = (2, 2) if half else (4, 4)
+    if half and grad_precision == "fp32" and zero_stage >= 1:
+        g_bytes = 4  # accumulated in fp32 (ZeRO-1: BF16_Optimizer's whole fp32 gradient buffer)
     o_bytes = 12 if half or zero_stage in (1, 2) else 8
     weights = p * w_bytes / (data if zero_stage >= 3 else 1)
     grads = p * g_bytes / (data if zero_stage >= 2 else 1)
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--precision", default="bf16", choices=("bf16", "bf16-mixed", "fp8", "fp32"))
     ap.add_argument("--dropout", type=float, default=None, help="default: the preset's (0.1)")
+    ap.add_argument("--grad-precision", default="fp32", choices=("fp32", "bf16"),
+                    help="train.grad_precision (bf16/fp8 weights only)")
     ap.add_argument("--no-ema", action="store_true")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = model_config(args.preset, **overrides)
         est = estimate(cfg, args.tensor, args.zero_stage, args.micro_batch, args.seq_len, args.gpus,
-                       args.precision, not args.no_ema, args.activation_checkpointing)
+                       args.precision, not args.no_ema, args.activation_checkpointing, args.grad_precision)
     except (ValueError, ConfigError) as err:
         print(f"memory: {err}", file=sys.stderr)
         return 2

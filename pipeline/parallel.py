@@ -38,8 +38,11 @@ def initialize(tensor: int) -> ParallelLayout:
         if parallel_state.get_tensor_model_parallel_world_size() != tensor:
             raise RuntimeError("megatron-core parallel state already initialised with another TP size")
     else:
+        # no gloo side groups: nothing here uses them, and across nodes they need their own working
+        # network interface (GLOO_SOCKET_IFNAME) for nothing
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor,
-                                                 pipeline_model_parallel_size=1)
+                                                 pipeline_model_parallel_size=1,
+                                                 create_gloo_process_groups=False)
     return layout()
 
 

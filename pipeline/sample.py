@@ -52,7 +52,8 @@ def parse_args(argv):
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the copy in the checkpoint)")
     p.add_argument("--data", default="", help="the training data_prep output, for checkpoints that hold no copy "
                                               "of its manifest and tokenizer (default: the run's data.path)")
-    p.add_argument("--output", default="samples", help="output prefix: writes PREFIX.txt and PREFIX.json")
+    p.add_argument("--output", default="samples", help="output prefix: writes PREFIX.txt and PREFIX.json "
+                                                        "(a folder: FOLDER/samples.txt and .json)")
     args = p.parse_args(argv)
     if args.no_cache and args.sampler == "cached":
         args.sampler = "ancestral"
@@ -76,15 +77,32 @@ def parse_args(argv):
 
 
 def _encode(tok, text: str, mask_id: int | None) -> list[int]:
-    """Token ids of text; each [MASK] becomes mask_id (MDLM) or is refused (AR)."""
+    """Token ids of text; each [MASK] becomes mask_id (MDLM) or is refused (AR). The spaces
+    before a [MASK] belong to the token that fills it (byte-level BPE writes a word with its
+    leading space), so they are not encoded as tokens of their own."""
     pieces = text.split(MASK_MARK)
     ids: list[int] = []
     for i, piece in enumerate(pieces):
         if i:
             ids.append(mask_id)
+        if i < len(pieces) - 1:
+            piece = piece.rstrip(" ")
         if piece:
             ids.extend(tok.encode(piece, add_special_tokens=False).ids)
     return ids
+
+
+def output_prefix(output: str) -> Path:
+    """PREFIX of PREFIX.txt / PREFIX.json: a folder (existing, or given with a trailing slash)
+    gets 'samples' inside it; a dotted name (run.v1.2) keeps its dots."""
+    path = Path(output)
+    if output.endswith(("/", "\\")) or path.is_dir():
+        path = path / "samples"
+    return path
+
+
+def _with(prefix: Path, extension: str) -> Path:
+    return prefix.with_name(prefix.name + extension)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,26 +112,52 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    from .inference import checkpoint_run_config, resolve_checkpoint, training_data
+    from .inference import checkpoint_run_config, resolve_checkpoint, resolve_device, training_data
 
     try:
+        args.device = resolve_device(args.device)
         ckpt = resolve_checkpoint(args.checkpoint)
         config = checkpoint_run_config(ckpt)
         manifest, tokenizer_file = training_data(ckpt, args.data or config["data"]["path"])
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     objective = config["model"].get("objective", "mdlm")
     mask_id = int(manifest["mask_token_id"]) if objective == "mdlm" else None
     bos_id = int(manifest["tokenizer"]["bos_id"])
     length = args.length or int(manifest["seq_len"])
+    block_size = args.block_size or int(manifest["seq_len"])
     if length > int(manifest["seq_len"]) and args.sampler != "semi-ar":
         print(f"warning: --length {length} is longer than the {manifest['seq_len']} tokens the model was trained "
               "on (rotary positions beyond it were never seen); --sampler semi-ar generates long texts "
               "block by block", file=sys.stderr)
-    tok = Tokenizer.from_file(args.tokenizer or str(tokenizer_file))
+    if args.sampler == "semi-ar" and block_size > int(manifest["seq_len"]):
+        print(f"warning: --block-size {block_size} is longer than the {manifest['seq_len']} tokens the model was "
+              "trained on (rotary positions beyond it were never seen)", file=sys.stderr)
+    model_vocab = int(config["model"].get("vocab_size") or 0)
+    if model_vocab and int(manifest.get("model_vocab_size", model_vocab)) != model_vocab:
+        parser.error(f"the data's manifest ({args.data or tokenizer_file.parent.parent}) is for a model vocabulary of "
+                     f"{manifest['model_vocab_size']} but {ckpt} has {model_vocab}: pass the data_prep output "
+                     "the checkpoint was trained on (--data)")
+    tokenizer_path = Path(args.tokenizer or tokenizer_file)
+    if not tokenizer_path.is_file():
+        parser.error(f"tokenizer file {tokenizer_path} not found: pass a tokenizer.json (--tokenizer)")
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    if tok.get_vocab_size() != int(manifest["tokenizer"]["vocab_size"]):
+        parser.error(f"tokenizer {tokenizer_path} has {tok.get_vocab_size()} tokens but {ckpt} was trained with "
+                     f"{manifest['tokenizer']['vocab_size']}: use the checkpoint's own tokenizer")
+    prefix = output_prefix(args.output)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--output {args.output}: cannot create {prefix.parent} ({err})")
+    if args.judge:
+        from .genppl import check_judge
+
+        try:
+            check_judge(args.judge, manifest)
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            parser.error(f"--judge {args.judge}: {err}")
 
     # every check that needs no weights, before loading them
     if objective != "mdlm" and (args.suffix or MASK_MARK in args.prompt):
@@ -121,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     if objective != "mdlm" and args.sampler in ("semi-ar", "confidence"):
         parser.error(f"--sampler {args.sampler} needs an MDLM checkpoint")
     prompt = _encode(tok, args.prompt, mask_id) if args.prompt else []
-    suffix = _encode(tok, args.suffix, mask_id) if args.suffix else []
+    # the suffix starts a new word (its leading space is part of its first token), unless it
+    # begins with a space or a [MASK] already
+    suffix_text = args.suffix if args.suffix[:1].isspace() or args.suffix.startswith(MASK_MARK) else " " + args.suffix
+    suffix = _encode(tok, suffix_text, mask_id) if args.suffix else []
     fixed = 1 + len(prompt) + len(suffix) if (prompt or objective != "mdlm") else len(suffix)
     if fixed > length:
         parser.error(f"the prompt has {len(prompt)} tokens (+1 BOS{f', +{len(suffix)} suffix' if suffix else ''}) "
                      f"but the sample length is {length}: raise --length or shorten the prompt")
-    block_size = args.block_size or int(manifest["seq_len"])
     carry = args.carry if args.carry >= 0 else block_size // 2
     if args.sampler == "semi-ar" and carry >= block_size:
         parser.error(f"--carry must be smaller than the block size (got {carry} >= {block_size})")
@@ -160,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     tokens = result.tokens.cpu()
     texts = [tok.decode(row.tolist(), skip_special_tokens=False) for row in tokens]
-    prefix = Path(args.output)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".txt").write_text("\n\n=====\n\n".join(texts) + "\n")
+    _with(prefix, ".txt").write_text("\n\n=====\n\n".join(texts) + "\n")
     from .genppl import evaluate_samples, load_judge
 
     judge = load_judge(args.judge, args.device) if args.judge else None
@@ -175,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
              "prompt_tokens": len(prompt), "suffix_tokens": len(suffix), **result.stats(),
              "wall_s": wall, "tokens_per_s": args.num_samples * length / wall, "device": str(args.device),
              **quality}
-    prefix.with_suffix(".json").write_text(json.dumps(stats, indent=2) + "\n")
+    _with(prefix, ".json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))
     return 0
 

@@ -109,6 +109,10 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' offloads the optimizer "
                           f"(offload_optimizer), which needs ZeRO 1-3: pass train.zero_stage=1, 2 or 3")
     zero["stage"] = t.zero_stage
+    if t.precision in ("bf16", "fp8") and t.grad_precision == "fp32":  # the JSON's own choice wins
+        ds.setdefault("communication_data_type", "fp32")
+        if t.zero_stage >= 1:  # ZeRO-1: DeepSpeed's BF16_Optimizer; DeepSpeed has none for ZeRO-0
+            ds["data_types"] = {"grad_accum_dtype": "fp32", **ds.get("data_types", {})}
     ds.update({
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
@@ -170,6 +174,10 @@ class Trainer:
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.device = self.dist.device
+        if self.device.type == "cuda":
+            # fp32 work (evaluation, sampling, train.precision=fp32) on tensor cores, as bf16 runs do
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         # tensor x data parallel: the data stream, the noise rows and ZeRO follow the data-parallel
         # rank; the ranks of one tensor-parallel group see the same samples
         self.tp, self.mpu = cfg.parallel.tensor, None
@@ -195,6 +203,9 @@ class Trainer:
         if t.precision == "fp8":
             check_fp8(cfg.fp8, cfg.model.d_model, cfg.model.mlp_ratio,
                       cfg.data.micro_batch_size * self.seq_len, self.device)
+            if cfg.fp8.backend == "torchao" and not t.compile and self.rank == 0:
+                log.warning("fp8.backend=torchao without train.compile: its scaling and casts then run as "
+                            "separate kernels, which can make FP8 slower than bf16; set train.compile=true")
         self.grad_accum = build_deepspeed_config(cfg, self.dp_world)["gradient_accumulation_steps"]
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank (TP: shards of them)
@@ -513,14 +524,15 @@ class Trainer:
                 "train/skipped_steps": self.skipped_steps}
 
     def eval_model(self) -> torch.nn.Module:
-        model = build_model(self.cfg.model).to(self.device)
+        with torch.device(self.device):  # initialised where it runs: no full fp32 model on the host
+            model = build_model(self.cfg.model)
         if self.tp > 1:  # collective: gather the full weights from the tensor-parallel shards
             return self._gather_tp_model(model).eval()
         if self.ema and self.cfg.eval.use_ema:
             model.load_state_dict(self.ema.full_state())
         else:
-            with self._gathered():
-                model.load_state_dict({plain_name(n): p.detach().float() for n, p in
+            with self._gathered():  # load_state_dict casts to fp32 in place: no second fp32 copy
+                model.load_state_dict({plain_name(n): p.detach() for n, p in
                                        strip_extra_state(self.engine.module.state_dict()).items()})
         return model.eval()
 
@@ -563,14 +575,19 @@ class Trainer:
         from model.sampling import ar_sample, mdlm_ancestral
 
         s = self.cfg.sample
+        if s.num_samples == 0:
+            return []
         model = model if model is not None else self.eval_model()
         gen = torch.Generator().manual_seed(s.seed)
         length = s.length or self.seq_len
-        if self.is_mdlm:
-            result = mdlm_ancestral(model, s.num_samples, length, s.steps, generator=gen, top_p=s.top_p)
-        else:
-            result = ar_sample(model, s.num_samples, length, int(self.manifest["tokenizer"]["bos_id"]),
-                               generator=gen, top_p=s.top_p)
+        # rank 0 samples while the other ranks wait in a collective: bf16 on a GPU keeps that wait
+        # far inside the process-group timeout for large models
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if self.is_mdlm:
+                result = mdlm_ancestral(model, s.num_samples, length, s.steps, generator=gen, top_p=s.top_p)
+            else:
+                result = ar_sample(model, s.num_samples, length, int(self.manifest["tokenizer"]["bos_id"]),
+                                   generator=gen, top_p=s.top_p)
         tok = Tokenizer.from_file(str(Path(self.cfg.data.path) / "tokenizer" / "tokenizer.json"))
         return [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens]
 
@@ -598,6 +615,8 @@ class Trainer:
                 tps = window_tokens / elapsed
                 stats["perf/tokens_per_s"] = tps
                 stats["perf/mem_gb"] = metrics.memory_gb(self.device)
+                if self.device.type == "cuda":  # the peak of each log window, not since the start
+                    torch.cuda.reset_peak_memory_stats(self.device)
                 peak = metrics.peak_flops(self.device)
                 if peak:
                     stats["perf/mfu"] = tps * self.flops_per_token / (peak * self.world)
@@ -651,9 +670,10 @@ class Trainer:
                 texts = self.sample(sample_model)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 samples_path = self.run_dir / "samples.txt"
-                samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")
+                if texts:
+                    samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")
                 summary.update(unigram=unigram, conventions=conventions(self.manifest, self.cfg.model.objective),
-                               samples=str(samples_path), checkpoints=str(self.checkpoints.root),
+                               samples=str(samples_path) if texts else None, checkpoints=str(self.checkpoints.root),
                                mlflow_run_id=self.mlflow_run_id,
                                tracking_uri=self.tracker.uri if self.tracker else None)
                 out = self.run_dir / "final_eval.json"
@@ -662,7 +682,8 @@ class Trainer:
                 os.replace(tmp, out)
                 if self.tracker:
                     self.tracker.log_metrics({"eval/unigram_ppl": unigram["unigram_ppl"]}, self.step)
-                    self.tracker.log_artifact(samples_path, "samples")
+                    if texts:
+                        self.tracker.log_artifact(samples_path, "samples")
                     self.tracker.log_artifact(out)
                     self.tracker.end()
             except Exception as err:

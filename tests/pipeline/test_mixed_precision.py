@@ -51,8 +51,10 @@ def test_tensor_parallel_layers_train_in_lower_precision(markov_data, tmp_path, 
     """megatron-core's layers inside DeepSpeed's bf16 engine (bf16 weights) or under its autocast
     (fp32 weights): TP=2 tracks the fp32 single-process run. Their backward replays autocast for
     CUDA only, so on a CPU bf16-mixed with TP is refused before any work, and says why."""
+    # bf16 at ZeRO-1 with the default fp32 gradients: DeepSpeed's BF16_Optimizer under TP groups
+    stage = "train.zero_stage=1" if precision == "bf16" else "train.zero_stage=2"
     out = launch_train(tmp_path, markov_data, *COMMON, f"train.precision={precision}", "parallel.tensor=2",
-                       check=False)
+                       stage, check=False)
     if precision == "bf16-mixed" and not torch.cuda.is_available():
         assert out.returncode != 0
         assert "bf16-mixed with parallel.tensor > 1 needs a GPU" in out.stdout + out.stderr
@@ -79,3 +81,25 @@ def test_bf16_mixed_communicates_in_fp32_unless_the_json_says_otherwise(tmp_path
     assert build_deepspeed_config(cfg, 1)["torch_autocast"]["lower_precision_safe_modules"] == ["torch.nn.Linear"]
     cfg.train.precision = "bf16"
     assert build_deepspeed_config(cfg, 1)["torch_autocast"]["enabled"] is False
+
+
+def test_bf16_weights_accumulate_and_reduce_gradients_in_fp32_by_default(tmp_path):
+    cfg = RunConfig()
+    cfg.train.precision = "bf16"
+    ds = build_deepspeed_config(cfg, 1)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    cfg.train.zero_stage = 0  # DeepSpeed accumulates in the weights' dtype there: reduction only
+    ds = build_deepspeed_config(cfg, 1)
+    assert "data_types" not in ds and ds["communication_data_type"] == "fp32"
+    cfg.train.zero_stage, cfg.train.grad_precision = 2, "bf16"
+    ds = build_deepspeed_config(cfg, 1)
+    assert "data_types" not in ds and "communication_data_type" not in ds
+    custom = tmp_path / "ds.json"  # the JSON's own choice wins
+    custom.write_text(json.dumps({"communication_data_type": "bf16", "data_types": {"grad_accum_dtype": "bf16"}}))
+    cfg.train.grad_precision, cfg.train.deepspeed_config = "fp32", str(custom)
+    ds = build_deepspeed_config(cfg, 1)
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and ds["communication_data_type"] == "bf16"
+    cfg = RunConfig()
+    cfg.train.precision = "fp32"
+    ds = build_deepspeed_config(cfg, 1)
+    assert "data_types" not in ds and "communication_data_type" not in ds

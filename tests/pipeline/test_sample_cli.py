@@ -166,7 +166,14 @@ def test_bad_arguments_fail_before_any_work(ckpts, tmp_path, monkeypatch, capsys
               "the prompt has 4 tokens (+1 BOS) but the sample length is 4"),
              (ckpts["ar"], ["--length", "3", "--prompt", "t1 t2 t3"], "but the sample length is 3"),
              (ckpts["ar"], ["--sampler", "confidence"], "--sampler confidence needs an MDLM checkpoint"),
-             (ckpts["ar"], ["--suffix", "t1"], "--suffix and [MASK] infilling need an MDLM"))
+             (ckpts["ar"], ["--suffix", "t1"], "--suffix and [MASK] infilling need an MDLM"),
+             # a judge must exist and be autoregressive, checked before sampling
+             (ckpts["mdlm"], ["--judge", missing], "no complete checkpoint"),
+             (ckpts["mdlm"], ["--judge", str(ckpts["mdlm"])], "the judge must be autoregressive"),
+             (ckpts["mdlm"], ["--device", "gpu"], "--device 'gpu' is not a device"),
+             (ckpts["mdlm"], ["--tokenizer", missing], "tokenizer file"))
+    if not torch.cuda.is_available():
+        cases += ((ckpts["mdlm"], ["--device", "cuda"], "no usable CUDA GPU"),)
     for ckpt, args, message in cases:
         with pytest.raises(SystemExit) as info:
             main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "x"), *args])
@@ -236,6 +243,9 @@ def test_raw_weights_load_past_transformer_engine_extra_state(ckpts, tmp_path):
     state = torch.load(states, map_location="cpu", weights_only=False)
     state["module"]["backbone.blocks.0.attn_qkv._extra_state"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(state, states)
+    complete = json.loads((dst / "COMPLETE").read_text())  # rewritten, as a TE run writes it: a new size
+    complete["files"][states.name] = states.stat().st_size
+    (dst / "COMPLETE").write_text(json.dumps(complete))
     loaded = load_checkpoint_model(dst, use_ema=False)
     plain = load_checkpoint_model(src, use_ema=False)
     assert loaded.weights == "raw"
@@ -249,3 +259,45 @@ def test_final_evaluation_states_which_tokens_it_counts(ckpts):
                for o in ("mdlm", "ar")}
     assert counted["mdlm"].startswith("every position (")
     assert counted["ar"].startswith("every position after the first")
+
+
+def test_output_prefixes_and_a_damaged_newest_checkpoint(ckpts, tmp_path, capsys):
+    import shutil
+
+    from pipeline.checkpoint import complete_tags
+    from pipeline.inference import resolve_checkpoint
+    from pipeline.sample import main
+
+    for output, written in ((f"{tmp_path}/folder/", tmp_path / "folder" / "samples.txt"),
+                            (str(tmp_path / "run.v1.2"), tmp_path / "run.v1.2.txt")):
+        assert main(["--checkpoint", str(ckpts["mdlm"]), "--output", output, "--threads", "1", "--steps", "4",
+                     "--num-samples", "1", "--length", "8"]) == 0
+        assert written.is_file() and written.with_name(written.name[:-4] + ".json").is_file()
+    # a cut model file in the newest checkpoint: sampling and evaluation use the previous one
+    root = tmp_path / "copy" / "checkpoints"
+    shutil.copytree(ckpts["mdlm"] / "checkpoints", root)
+    older, newest = complete_tags(root)[-2:]
+    model_file = root / newest / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    assert resolve_checkpoint(root) == root / older
+    assert f"checkpoint {root / newest} is damaged (mp_rank_00_model_states.pt)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is damaged"):
+        resolve_checkpoint(root / newest)
+
+
+def test_infilling_leaves_the_space_before_a_mask_to_the_token_that_fills_it():
+    """Byte-level BPE writes a word with its leading space (\u0120the): "We [MASK] the" must give
+    We, [MASK], \u0120the, not We, \u0120, [MASK], \u0120the (a lone space the model must keep)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from pipeline.sample import _encode
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["We the Congress of the United States"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    mask = 9999
+    ids = _encode(tok, "We [MASK] [MASK] the Congress", mask)
+    assert ids == tok.encode("We").ids + [mask, mask] + tok.encode(" the Congress").ids
+    assert " " not in [tok.decode([i]) for i in ids if i != mask]
+

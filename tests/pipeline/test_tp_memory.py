@@ -60,7 +60,9 @@ def test_estimate_follows_the_formulas():
     p = parameter_split(cfg, 4)["local"]
     assert est.data == 16 and est.params_per_gpu == p
     assert est.weights_gib == pytest.approx(2 * p / 16 / GIB)
-    assert est.grads_gib == pytest.approx(2 * p / 16 / GIB)
+    assert est.grads_gib == pytest.approx(4 * p / 16 / GIB)   # accumulated in fp32 (train.grad_precision)
+    assert estimate(cfg, 4, 3, 4, 1024, 64, grad_precision="bf16").grads_gib == pytest.approx(2 * p / 16 / GIB)
+    assert estimate(cfg, 4, 1, 4, 1024, 64).grads_gib == pytest.approx(4 * p / GIB)  # ZeRO-1: not partitioned
     assert est.optimizer_gib == pytest.approx(12 * p / 16 / GIB)
     assert est.ema_gib == pytest.approx(4 * p / 16 / GIB)  # ZeRO 1-3 partition the EMA too
     assert estimate(cfg, 4, 2, 4, 1024, 64).ema_gib == pytest.approx(4 * p / 16 / GIB)
@@ -70,7 +72,7 @@ def test_estimate_follows_the_formulas():
     assert est.activations_gib == pytest.approx((40 * per_layer + 4 * t * v + 4 * t * d + 4 * t * d) / GIB)
     for stage, sharded in ((0, ()), (1, ("optimizer",)), (2, ("optimizer", "grads")),
                            (3, ("optimizer", "grads", "weights"))):
-        e = estimate(cfg, 4, stage, 4, 1024, 64)
+        e = estimate(cfg, 4, stage, 4, 1024, 64, grad_precision="bf16")
         for part, per_param in (("weights", 2), ("grads", 2), ("optimizer", 12)):
             expect = per_param * p / (16 if part in sharded else 1) / GIB
             assert getattr(e, f"{part}_gib") == pytest.approx(expect)

@@ -103,6 +103,16 @@ def test_converted_checkpoint_gives_tp2_logits(tp2_dp2, tmp_path):
     out = convert_to_tp1(tp2_dp2 / "checkpoints", tmp_path / "tp1")
     loaded = load_checkpoint_model(out, use_ema=False)
     assert loaded.step == STEPS and loaded.config["parallel"]["tensor"] == 1
+    tag = f"step{STEPS:08d}"
+    # self-contained like the source (sampling needs no data folder); never written over
+    assert {"run_config.json", "data_manifest.json", "tokenizer"} <= {p.name for p in (out / tag).iterdir()}
+    source = tp2_dp2 / "checkpoints" / tag
+    before = {p.name: p.stat().st_mtime_ns for p in source.iterdir()}
+    for target, says in ((out, "already exists"), (tp2_dp2 / "checkpoints", "it is the checkpoint being converted")):
+        again = subprocess.run([sys.executable, "-m", "pipeline.convert_tp", "--checkpoint", str(tp2_dp2 / "checkpoints"),
+                                "--out", str(target)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and says in again.stderr, again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in source.iterdir()} == before
     tokens = torch.randint(0, 17, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = loaded.model.logits(tokens)

@@ -132,6 +132,19 @@ def test_evaluate_cli_reports_bound_with_error_and_conventions(runs, tmp_path):
     assert json.loads(discrete.read_text())["estimator"] == "discrete"
 
 
+def test_evaluate_cli_refuses_bad_input_before_loading(runs, tmp_path, capsys):
+    from pipeline.evaluate import main
+
+    ckpt = str(runs["straight"] / "checkpoints")
+    for args, message in ((["--batch-size", "0"], "need a batch size >= 1"),
+                          (["--split", "test"], "split 'test' not in"),
+                          (["--output", str(tmp_path / "no" / "such" / "x.json")], "its folder does not exist"),
+                          (["--device", "xla"], "--device xla: use auto, cpu, cuda or cuda:N")):
+        with pytest.raises(SystemExit) as info:
+            main(["--checkpoint", ckpt, *args])
+        assert info.value.code == 2 and message in capsys.readouterr().err, args
+
+
 def test_sample_cli_writes_texts_and_stats(runs, tmp_path):
     prefix = tmp_path / "gen"
     run_cli("-m", "pipeline.sample", "--checkpoint", str(runs["straight"] / "checkpoints"),
