@@ -90,29 +90,57 @@ class ShardStream:
             order = order[self.rank::self.world_size]
         return order
 
+    def _upcoming(self, epoch: int, plan: list[int], cursor: int) -> int | None:
+        """The shard this rank reads after plan[cursor] (the next epoch's first when looping)."""
+        if cursor + 1 < len(plan):
+            return plan[cursor + 1]
+        if self.loop:
+            return self._epoch_plan(epoch + 1)[0][0]
+        return None
+
     def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        # the next shard is read and decoded in a background thread while this one is consumed:
+        # the training loop never waits on storage at a shard boundary (the order is unchanged)
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        pending: tuple[int, object] | None = None
         pos = self.position
-        while True:
-            plan, interleaved = self._epoch_plan(pos.epoch)
-            while pos.shard_cursor < len(plan):
-                shard_index = plan[pos.shard_cursor]
-                shard = self.shards[shard_index]
-                samples = read_shard(str(self.data_dir / shard["name"]))
-                if len(samples) != shard["samples"]:
-                    raise ValueError(f"{shard['name']}: {len(samples)} samples but the manifest says "
-                                     f"{shard['samples']}; run `python -m data_prep verify {self.data_dir}`")
-                order = self._sample_order(pos.epoch, shard_index, len(samples), interleaved)
-                while pos.sample_cursor < len(order):
-                    sample = samples[order[pos.sample_cursor]]
-                    pos.sample_cursor += 1
-                    pos.samples_seen += 1
-                    yield sample
-                pos.shard_cursor += 1
-                pos.sample_cursor = 0
-            if not self.loop:
-                return
-            pos.epoch += 1
-            pos.shard_cursor = 0
+        try:
+            while True:
+                plan, interleaved = self._epoch_plan(pos.epoch)
+                while pos.shard_cursor < len(plan):
+                    shard_index = plan[pos.shard_cursor]
+                    shard = self.shards[shard_index]
+                    if pending is not None and pending[0] == shard_index:
+                        samples = pending[1].result()
+                    else:
+                        samples = read_shard(str(self.data_dir / shard["name"]))
+                    upcoming = self._upcoming(pos.epoch, plan, pos.shard_cursor)
+                    pending = None
+                    if upcoming is not None and upcoming != shard_index:
+                        pending = (upcoming, reader.submit(read_shard, str(self.data_dir / self.shards[upcoming]["name"])))
+                    yield from self._shard_samples(pos, shard, shard_index, samples, interleaved)
+                    pos.shard_cursor += 1
+                    pos.sample_cursor = 0
+                if not self.loop:
+                    return
+                pos.epoch += 1
+                pos.shard_cursor = 0
+        finally:
+            reader.shutdown(wait=False, cancel_futures=True)
+
+    def _shard_samples(self, pos: StreamPosition, shard: dict, shard_index: int, samples: list[dict],
+                       interleaved: bool):
+        if len(samples) != shard["samples"]:
+            raise ValueError(f"{shard['name']}: {len(samples)} samples but the manifest says "
+                             f"{shard['samples']}; run `python -m data_prep verify {self.data_dir}`")
+        order = self._sample_order(pos.epoch, shard_index, len(samples), interleaved)
+        while pos.sample_cursor < len(order):
+            sample = samples[order[pos.sample_cursor]]
+            pos.sample_cursor += 1
+            pos.samples_seen += 1
+            yield sample
 
     def state_dict(self) -> dict:
         return {**asdict(self.position), "world_size": self.world_size, "rank": self.rank, "seed": self.seed}

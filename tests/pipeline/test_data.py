@@ -65,3 +65,29 @@ def test_manifest_sample_count_mismatch_is_reported(markov_data, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="64 samples but the manifest says 65"):
         list(ShardStream(copy, "val", shuffle=False, loop=False))
+
+
+def test_the_next_shard_is_read_in_the_background_in_the_same_order(markov_data, monkeypatch):
+    import threading
+
+    from pipeline import data
+
+    reads = []
+    real = data.read_shard
+
+    def recording(url):
+        reads.append((url.rsplit("/", 1)[-1], threading.current_thread().name.startswith("shard-prefetch")))
+        return real(url)
+
+    plain = [s["key"] for s in itertools.islice(ShardStream(markov_data, "train", seed=3), 200)]
+    monkeypatch.setattr(data, "read_shard", recording)
+    stream = iter(ShardStream(markov_data, "train", seed=3))
+    first = next(stream)
+    for _ in range(50):  # the prefetch has had time to start
+        if len(reads) > 1:
+            break
+        threading.Event().wait(0.05)
+    assert len(reads) == 2 and reads[0][1] is False and reads[1][1] is True
+    keys = [first["key"]] + [s["key"] for s in itertools.islice(stream, 199)]
+    assert keys == plain  # prefetching changes nothing in what a rank sees
+    assert all(background for _, background in reads[1:])
