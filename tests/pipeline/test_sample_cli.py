@@ -137,8 +137,7 @@ def test_a_hugging_face_judge_needs_transformers(tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.sample", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return cli_module("pipeline.sample", *args)
 
 
 def test_bad_arguments_fail_before_any_work(ckpts, tmp_path, monkeypatch, capsys):
@@ -300,4 +299,36 @@ def test_infilling_leaves_the_space_before_a_mask_to_the_token_that_fills_it():
     ids = _encode(tok, "We [MASK] [MASK] the Congress", mask)
     assert ids == tok.encode("We").ids + [mask, mask] + tok.encode(" the Congress").ids
     assert " " not in [tok.decode([i]) for i in ids if i != mask]
+
+
+def test_export_writes_safetensors_that_rebuild_the_model(ckpts, tmp_path):
+    from pipeline.export import load_exported
+    from pipeline.inference import load_checkpoint_model
+
+    out = tmp_path / "export"
+    proc = cli_module("pipeline.export", "--checkpoint", str(ckpts["mdlm"]), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["source"]["weights"] == "ema" and config["source"]["step"] == STEPS
+    assert config["tokens"]["mask_token_id"] == 16 and config["seq_len"] == 32
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    exported = load_exported(out)
+    reference = load_checkpoint_model(ckpts["mdlm"]).model
+    x = torch.randint(0, 16, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported.logits(x), reference.logits(x))
+    again = cli_module("pipeline.export", "--checkpoint", str(ckpts["mdlm"]), "--out", str(out))
+    assert again.returncode == 2 and "is not empty" in again.stderr
+    half = tmp_path / "bf16"
+    assert cli_module("pipeline.export", "--checkpoint", str(ckpts["mdlm"]), "--out", str(half), "--dtype", "bf16",
+                      "--no-ema").returncode == 0
+    assert next(load_exported(half).parameters()).dtype == torch.bfloat16
+    assert json.loads((half / "config.json").read_text())["source"]["weights"] == "raw"
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "export"]  # no staging folder left behind
+
+
+def cli_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
 
