@@ -302,7 +302,11 @@ class CheckpointManager:
             path = Path(which)
             root, tag = (path.parent, path.name) if path.is_dir() else (self.root, which)
             if not (root / tag / COMPLETE).is_file():
-                raise FileNotFoundError(f"checkpoint '{which}' is missing or incomplete (no {COMPLETE} marker)")
+                from .configtools import ConfigError
+
+                tags = complete_tags(root)
+                raise ConfigError(f"--resume {which}: no complete checkpoint of that name in {root} (complete: "
+                                  f"{', '.join(tags[-5:]) or 'none'}); pass one of them, a step directory, or auto")
             self.root, candidates = root, [tag]
         for i, tag in enumerate(candidates):
             # files are checked before any rank starts DeepSpeed's load: under ZeRO-3 that load

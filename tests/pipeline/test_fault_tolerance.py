@@ -123,8 +123,9 @@ def test_a_used_run_dir_needs_resume_and_a_resume_keeps_the_model(markov_data, t
 
 def test_explicit_missing_checkpoint_is_an_error(markov_data, tmp_path):
     out = run_single(tmp_path, markov_data, *FAST, "train.max_steps=3", resume="step00000099", check=False)
-    assert out.returncode != 0
-    assert "checkpoint 'step00000099' is missing or incomplete" in out.stderr
+    assert out.returncode == 2
+    assert "--resume step00000099: no complete checkpoint of that name" in out.stderr
+    assert "(complete: none)" in out.stderr
 
 
 def test_non_finite_steps_are_skipped_then_abort_after_k_in_a_row(markov_data, tmp_path):
