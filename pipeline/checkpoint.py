@@ -12,6 +12,7 @@ resume with a different model is refused by name before any weights are read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,9 @@ VISIBILITY_WAIT_S = 30.0  # how long rank 0 waits for other nodes' files to show
 # meaning (model), how they are split (parallel.tensor) or how the optimizer states are laid out
 RESUME_FIXED = ("model.objective", "model.vocab_size", "model.mask_token_id", "model.n_layers", "model.d_model",
                 "model.n_heads", "model.mlp_ratio", "model.cond_dim", "model.time_conditioning",
-                "parallel.tensor", "train.zero_stage")
+                "parallel.tensor", "train.zero_stage",
+                # ZeRO-1 + bf16: fp32 gradients switch DeepSpeed to another optimizer and state layout
+                "train.grad_precision")
 
 
 def tag_for(step: int) -> str:
@@ -74,6 +77,10 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     from .configtools import flatten
 
     old, new = flatten(saved), flatten(current)
+    old.setdefault("train.grad_precision", "bf16")  # checkpoints from before the setting reduced in bf16
+    for flat in (old, new):  # it only means something under bf16/fp8 weights
+        if flat.get("train.precision") not in ("bf16", "fp8"):
+            flat.pop("train.grad_precision", None)
     fixed, changed = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
@@ -168,6 +175,46 @@ def _sizes(tag_dir: Path) -> dict[str, int]:
     return out
 
 
+@contextlib.contextmanager
+def _writes_recorded(engine, rank: int):
+    """While DeepSpeed saves, a failed write or folder creation (full disk, I/O error; torch.save
+    raises RuntimeError) is recorded instead of raised, and later writes are skipped: DeepSpeed
+    then runs its collectives (barriers, ZeRO-3's gathers) on every rank as usual, and every
+    rank learns of the failure afterwards instead of waiting for the process-group timeout."""
+    errors: list[str] = []
+    storage = getattr(engine, "checkpoint_engine", None)
+    if storage is None:  # not a DeepSpeed engine
+        yield errors
+        return
+    # every file DeepSpeed 0.19 writes in save_checkpoint goes through one of these
+    targets = [(storage, "save"), (storage, "makedirs"), (engine, "_copy_recovery_script")]
+    targets = [(obj, name) for obj, name in targets if callable(getattr(obj, name, None))]
+    shadowed = [(obj, name, vars(obj).get(name)) for obj, name in targets]
+
+    def recorded(name: str, original):
+        def call(*args, **kwargs):
+            if errors:
+                return None
+            try:
+                return original(*args, **kwargs)
+            except (OSError, RuntimeError) as err:
+                target = kwargs.get("path", kwargs.get("name", args[-1] if args else ""))
+                errors.append(f"rank {rank}: {name}({target}): {err}")
+                return None
+        return call
+
+    for obj, name in targets:
+        object.__setattr__(obj, name, recorded(name, getattr(obj, name)))
+    try:
+        yield errors
+    finally:
+        for obj, name, own in shadowed:
+            if own is not None:
+                object.__setattr__(obj, name, own)
+            else:
+                object.__delattr__(obj, name)
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 3, rank: int = 0, device: torch.device | str = "cpu"):
         self.root = Path(root)
@@ -183,17 +230,11 @@ class CheckpointManager:
         if self.rank == 0 and (tag_dir / COMPLETE).is_file():
             (tag_dir / COMPLETE).unlink()  # rewritten in place: not complete until done again
         _barrier()
-        write_error = ""
-        try:
+        with _writes_recorded(engine, self.rank) as write_errors:
             engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        except (OSError, RuntimeError) as err:
-            # a failed write (full disk, I/O error: torch.save raises RuntimeError) comes after
-            # DeepSpeed's gathers, with the other ranks waiting in its closing barrier: meet them
-            # there, so that every rank learns of the failure below instead of waiting for the
-            # process-group timeout
-            write_error = f"rank {self.rank}: {err}"
+        write_error = "; ".join(write_errors)
+        if write_error:
             log.error("checkpoint %s: %s", tag_dir, write_error)
-            _barrier()
         _barrier()
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             _fsync_files(tag_dir)  # this node's writes reach storage before COMPLETE vouches for them

@@ -57,8 +57,9 @@ class TrainConfig:
     # fp8: bf16 everywhere + FP8 block matmuls.
     precision: Literal["bf16", "bf16-mixed", "fp32", "fp8"] = "bf16"
     # under bf16/fp8 weights: gradients accumulated over micro-batches and reduced over ranks in
-    # fp32 (as Megatron and torchtitan do; ZeRO-0 can only reduce in fp32) or in bf16 (half the
-    # traffic and gradient memory, rounded at every micro-batch and every reduction hop)
+    # fp32 (as Megatron and torchtitan do; at ZeRO-0 only the reduction: DeepSpeed accumulates
+    # in bf16 there) or in bf16 (half the traffic and gradient memory, rounded at every
+    # micro-batch and every reduction hop)
     grad_precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: int = 2
     deepspeed_config: str = ""     # optional JSON merged under the generated DeepSpeed config

@@ -26,7 +26,7 @@ import torch
 
 from model.tensor_parallel import merge_state_dicts, strip_extra_state
 
-from .checkpoint import COMPLETE, DATA_MANIFEST, RUN_CONFIG
+from .checkpoint import COMPLETE, DATA_MANIFEST, RUN_CONFIG, complete_tags
 from .inference import holds_weights, resolve_checkpoint
 
 KEEP = ("step", "tokens_seen", "skipped_steps", "run_config", "mlflow_run_id")
@@ -46,6 +46,10 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
         # the default or a typo could name the training checkpoints themselves: never write over them
         raise ValueError(f"{out_dir} already exists{' (it is the checkpoint being converted)' if out_dir.resolve() == ckpt.resolve() else ''}: "
                          "pass an --out directory that does not hold this checkpoint")
+    trained = [t for t in complete_tags(out) if any((Path(out) / t).glob("*optim_states.pt"))]
+    if trained:
+        raise ValueError(f"--out {out} holds a run's training checkpoints ({trained[-1]}, with optimizer states): "
+                         "pass a folder for converted checkpoints")
     files = model_state_files(ckpt)
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
     parallel = states[0].get("parallel") or {"tensor": 1, "layout": {}}

@@ -31,8 +31,8 @@ def export(checkpoint: str | Path, out: str | Path, use_ema: bool = True, dtype:
     from .inference import checkpoint_run_config, load_checkpoint_model, resolve_checkpoint, training_data
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty: pass a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} {'is not empty' if out.is_dir() else 'is a file'}: pass a new folder")
     ckpt = resolve_checkpoint(checkpoint)
     run_config = checkpoint_run_config(ckpt)
     manifest, tokenizer_file = training_data(ckpt, run_config["data"]["path"])
@@ -54,6 +54,9 @@ def export(checkpoint: str | Path, out: str | Path, use_ema: bool = True, dtype:
     out.parent.mkdir(parents=True, exist_ok=True)
     # written next to the target and renamed into place: an interrupted export leaves no half folder
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would keep the export from other users
     try:
         save_file(weights, str(staging / WEIGHTS), metadata={"format": FORMAT, "weights": loaded.weights})
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

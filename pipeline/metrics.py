@@ -26,8 +26,8 @@ from model.noise import make_schedule
 
 # dense bf16 peaks by device name, the most specific name first: torch names the H100 SXM
 # "NVIDIA H100 80GB HBM3", the PCIe and NVL cards "NVIDIA H100 PCIe" / "NVIDIA H100 NVL"
-PEAK_TFLOPS_BF16 = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0), ("A5000", 111.0))
+PEAK_TFLOPS_BF16 = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
+                    ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0), ("A5000", 111.0))
 
 
 def matmul_params(model: nn.Module) -> int:

@@ -92,12 +92,20 @@ def _encode(tok, text: str, mask_id: int | None) -> list[int]:
     return ids
 
 
+def suffix_text(suffix: str) -> str:
+    """A suffix that begins with a letter or digit starts a new word (its leading space is part of
+    its first token); one that begins with punctuation, a space or [MASK] is kept as it is."""
+    return " " + suffix if suffix[:1].isalnum() else suffix
+
+
 def output_prefix(output: str) -> Path:
     """PREFIX of PREFIX.txt / PREFIX.json: a folder (existing, or given with a trailing slash)
     gets 'samples' inside it; a dotted name (run.v1.2) keeps its dots."""
     path = Path(output)
     if output.endswith(("/", "\\")) or path.is_dir():
         path = path / "samples"
+    elif path.suffix in (".txt", ".json"):  # --output gen.txt means the prefix gen
+        path = path.with_suffix("")
     return path
 
 
@@ -143,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if not tokenizer_path.is_file():
         parser.error(f"tokenizer file {tokenizer_path} not found: pass a tokenizer.json (--tokenizer)")
     tok = Tokenizer.from_file(str(tokenizer_path))
-    if tok.get_vocab_size() != int(manifest["tokenizer"]["vocab_size"]):
-        parser.error(f"tokenizer {tokenizer_path} has {tok.get_vocab_size()} tokens but {ckpt} was trained with "
+    tok_vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # as data_prep counts it: ids may have holes
+    if tok_vocab != int(manifest["tokenizer"]["vocab_size"]):
+        parser.error(f"tokenizer {tokenizer_path} has {tok_vocab} token ids but {ckpt} was trained with "
                      f"{manifest['tokenizer']['vocab_size']}: use the checkpoint's own tokenizer")
     prefix = output_prefix(args.output)
     try:
@@ -165,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if objective != "mdlm" and args.sampler in ("semi-ar", "confidence"):
         parser.error(f"--sampler {args.sampler} needs an MDLM checkpoint")
     prompt = _encode(tok, args.prompt, mask_id) if args.prompt else []
-    # the suffix starts a new word (its leading space is part of its first token), unless it
-    # begins with a space or a [MASK] already
-    suffix_text = args.suffix if args.suffix[:1].isspace() or args.suffix.startswith(MASK_MARK) else " " + args.suffix
-    suffix = _encode(tok, suffix_text, mask_id) if args.suffix else []
+    suffix = _encode(tok, suffix_text(args.suffix), mask_id) if args.suffix else []
     fixed = 1 + len(prompt) + len(suffix) if (prompt or objective != "mdlm") else len(suffix)
     if fixed > length:
         parser.error(f"the prompt has {len(prompt)} tokens (+1 BOS{f', +{len(suffix)} suffix' if suffix else ''}) "

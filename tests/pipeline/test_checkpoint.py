@@ -112,8 +112,9 @@ def test_complete_is_written_only_once_rank_0_sees_every_rank_s_files(tmp_path):
 
 
 def full_disk_worker(rank: int, size: int, port: int, queue, root: str):
-    """A real ZeRO-2 engine whose rank 1 cannot write its optimizer shard (torch.save's error on a
-    full disk), after DeepSpeed's gathers, with rank 0 waiting in DeepSpeed's closing barrier."""
+    """Real ZeRO-2 and ZeRO-3 engines where one rank cannot write its optimizer shard (torch.save's
+    error on a full disk): rank 1 under ZeRO-2, rank 0 under ZeRO-3, whose save still has an
+    all-gather of the persistent parameters after the writes."""
     import datetime
 
     import deepspeed
@@ -122,42 +123,56 @@ def full_disk_worker(rank: int, size: int, port: int, queue, root: str):
                       WORLD_SIZE=str(size))
     # a rank left waiting would fail the test at this timeout, not pass it
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    outcome = {}
     try:
-        torch.manual_seed(0)
-        model = torch.nn.Linear(8, 8)
-        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
-        engine, *_ = deepspeed.initialize(model=model, config=config,
-                                          optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
-        manager = ckpt.CheckpointManager(root, keep_last=2, rank=rank)
-        manager.save(engine, 1, {"run_config": {"model": {}}})
-        if rank == 1:
-            write = engine.checkpoint_engine.save
+        for stage, failing in ((2, 1), (3, 0)):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(8, 8)
+            config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}
+            engine, *_ = deepspeed.initialize(model=model, config=config,
+                                              optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+            manager = ckpt.CheckpointManager(f"{root}/zero{stage}", keep_last=2, rank=rank)
+            manager.save(engine, 1, {"run_config": {"model": {}}})
+            if rank == failing:
+                write = engine.checkpoint_engine.save
 
-            def full_disk(state, path):
-                if "optim_states" in str(path):
-                    with open(path, "wb") as fh:
-                        fh.write(b"PK partial")
-                    raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed "
-                                       "writing file data/0: file write failed")
-                return write(state, path)
+                def full_disk(state_dict, path, write=write):  # DeepSpeed passes both by name or position
+                    if "optim_states" in str(path):
+                        with open(path, "wb") as fh:
+                            fh.write(b"PK partial")
+                        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed "
+                                           "writing file data/0: file write failed")
+                    return write(state_dict, path)
 
-            engine.checkpoint_engine.save = full_disk
-        try:
-            manager.save(engine, 2, {"run_config": {"model": {}}})
-            queue.put((rank, "saved"))
-        except RuntimeError as err:
-            queue.put((rank, str(err)))
+                engine.checkpoint_engine.save = full_disk
+            try:
+                manager.save(engine, 2, {"run_config": {"model": {}}})
+                outcome[stage] = "saved"
+            except RuntimeError as err:
+                outcome[stage] = str(err)
+            engine.destroy()
+        queue.put((rank, outcome))
     finally:
         dist.destroy_process_group()
 
 
 def test_a_shard_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path):
-    root = tmp_path / "checkpoints"
-    results = dict(run_two_ranks(functools.partial(full_disk_worker, root=str(root)), timeout=120))
-    for rank in (0, 1):
-        assert "checkpoint step00000002 was not written" in results[rank], results
-        assert "newest complete: step00000001" in results[rank], results
-    assert "rank 1: [enforce fail" in results[0] and "file write failed" in results[1], results
-    assert ckpt.complete_tags(root) == ["step00000001"] and not (root / "step00000002").exists()
-    assert (root / "latest").read_text() == "step00000001"
+    results = dict(run_two_ranks(functools.partial(full_disk_worker, root=str(tmp_path)), timeout=180))
+    for stage, failing in ((2, 1), (3, 0)):
+        for rank in (0, 1):
+            message = results[rank][stage]
+            assert "checkpoint step00000002 was not written" in message, (stage, results)
+            assert "newest complete: step00000001" in message, (stage, results)
+        assert f"rank {failing}: save(" in results[0][stage] and "file write failed" in results[failing][stage]
+        root = tmp_path / f"zero{stage}"
+        assert ckpt.complete_tags(root) == ["step00000001"] and not (root / "step00000002").exists()
+        assert (root / "latest").read_text() == "step00000001"
 
+
+def test_gradient_precision_is_fixed_for_a_bf16_run():
+    bf16 = {"train": {"precision": "bf16", "zero_stage": 1}}  # a checkpoint from before the setting
+    fixed, _ = ckpt.config_differences(bf16, {"train": {**bf16["train"], "grad_precision": "fp32"}})
+    assert fixed == ["train.grad_precision: bf16 -> fp32"]
+    assert ckpt.config_differences(bf16, {"train": {**bf16["train"], "grad_precision": "bf16"}}) == ([], [])
+    fp32 = {"train": {"precision": "fp32"}}  # meaningless with fp32 weights: never refused
+    assert ckpt.config_differences(fp32, {"train": {"precision": "fp32", "grad_precision": "fp32"}}) == ([], [])

@@ -79,7 +79,16 @@ def test_the_next_shard_is_read_in_the_background_in_the_same_order(markov_data,
         reads.append((url.rsplit("/", 1)[-1], threading.current_thread().name.startswith("shard-prefetch")))
         return real(url)
 
-    plain = [s["key"] for s in itertools.islice(ShardStream(markov_data, "train", seed=3), 200)]
+    # the order the stream promises, built by hand: epoch plan, then each shard's sample order
+    reference = ShardStream(markov_data, "train", seed=3)
+    plain = []
+    for epoch in range(2):
+        plan, interleaved = reference._epoch_plan(epoch)
+        for shard_index in plan:
+            samples = data.read_shard(str(markov_data / reference.shards[shard_index]["name"]))
+            order = reference._sample_order(epoch, shard_index, len(samples), interleaved)
+            plain += [samples[i]["key"] for i in order]
+    plain = plain[:200]
     monkeypatch.setattr(data, "read_shard", recording)
     stream = iter(ShardStream(markov_data, "train", seed=3))
     first = next(stream)

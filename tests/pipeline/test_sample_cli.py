@@ -289,7 +289,7 @@ def test_infilling_leaves_the_space_before_a_mask_to_the_token_that_fills_it():
     We, [MASK], \u0120the, not We, \u0120, [MASK], \u0120the (a lone space the model must keep)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from pipeline.sample import _encode
+    from pipeline.sample import _encode, output_prefix, suffix_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -299,6 +299,9 @@ def test_infilling_leaves_the_space_before_a_mask_to_the_token_that_fills_it():
     ids = _encode(tok, "We [MASK] [MASK] the Congress", mask)
     assert ids == tok.encode("We").ids + [mask, mask] + tok.encode(" the Congress").ids
     assert " " not in [tok.decode([i]) for i in ids if i != mask]
+    assert [suffix_text(x) for x in ("the Union.", ".", ", and", " so", "[MASK] end")] == [
+        " the Union.", ".", ", and", " so", "[MASK] end"]
+    assert [str(output_prefix(x)) for x in ("gen.txt", "gen.json", "run.v1.2")] == ["gen", "gen", "run.v1.2"]
 
 
 def test_export_writes_safetensors_that_rebuild_the_model(ckpts, tmp_path):
