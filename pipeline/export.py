@@ -61,6 +61,7 @@ def export(checkpoint: str | Path, out: str | Path, use_ema: bool = True, dtype:
         save_file(weights, str(staging / WEIGHTS), metadata={"format": FORMAT, "weights": loaded.weights})
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         shutil.copytree(tokenizer_file.parent, staging / "tokenizer")
+        os.chmod(staging / WEIGHTS, 0o666 & ~umask)  # safetensors writes it 0600
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(staging, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -315,6 +316,10 @@ def test_export_writes_safetensors_that_rebuild_the_model(ckpts, tmp_path):
     assert config["source"]["weights"] == "ema" and config["source"]["step"] == STEPS
     assert config["tokens"]["mask_token_id"] == 16 and config["seq_len"] == 32
     assert (out / "tokenizer" / "tokenizer.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, out / "model.safetensors", out / "config.json"):  # readable by others on shared storage
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
     exported = load_exported(out)
     reference = load_checkpoint_model(ckpts["mdlm"]).model
     x = torch.randint(0, 16, (2, 32), generator=torch.Generator().manual_seed(0))
