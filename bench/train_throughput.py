@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="plain,deepspeed",
                    help="comma list of plain, plain-fp8, plain-full (the output head on every position, "
                         "not only the masked ones), deepspeed (bf16 weights, fp32 master), "
+                        "deepspeed-bf16grad (gradients accumulated and reduced in bf16, not fp32), "
                         "deepspeed-mixed (fp32 weights under autocast), deepspeed-fp8")
     p.add_argument("--zero-stage", type=int, default=1, help="default: that of configs/train/mdlm-1b-h100.yaml")
     p.add_argument("--ds-config", default="",
@@ -130,6 +131,8 @@ def build(args, mode: str, device):
             cfg.train.precision = "bf16"
         if mode.endswith("mixed"):
             cfg.train.precision = "bf16-mixed" if args.precision == "bf16" else "fp32"
+        if mode.endswith("bf16grad"):
+            cfg.train.grad_precision = "bf16"
         engine, _ = make_engine(model, cfg, int(os.environ.get("WORLD_SIZE", "1")), device)
 
         def step(x0, t, u):

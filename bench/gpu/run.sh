@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of the training issues, one command on a bare GPU image (torch + numpy):
 #     bash bench/gpu/run.sh throughput|fp8|all [extra bench/train_throughput.py arguments]
-# throughput: mdlm-1b, the project's DeepSpeed step (bf16 and bf16-mixed) against a plain PyTorch
-#             step (compiled blocks, fused AdamW), same micro-batch and accumulation; and the plain
-#             step with the output head on every position (plain-full) against masked-only.
+# throughput: mdlm-1b, the project's DeepSpeed step (ZeRO-1; bf16 weights with fp32 or bf16
+#             gradients, and bf16-mixed) against a plain PyTorch step (compiled blocks, fused
+#             AdamW), same micro-batch and accumulation; and the plain step with the output head
+#             on every position (plain-full) against masked-only.
 # fp8:        bf16 against FP8 (torchao), plain and DeepSpeed, with the loss after $LOSS_STEPS steps
 #             on real text from $DATA (a data_prep output with seq_len 1024).
 # Wheels come from .gpu-wheels (bench/gpu/wheels.sh); figures go to $OUT (default runs/gpu-bench)
@@ -45,7 +46,7 @@ bench() {  # a failing run (e.g. out of memory) must not cost the figures of the
 if [[ "$SUITE" == throughput || "$SUITE" == all ]]; then
   echo "== throughput: DeepSpeed vs plain PyTorch (accumulation 4, as in training) =="
   bench "${COMMON[@]}" --grad-accum 4 --steps 10 --warmup 3 \
-    --modes plain,deepspeed,deepspeed-mixed,plain-full --output "$OUT/throughput-accum4.json" "$@"
+    --modes plain,deepspeed,deepspeed-bf16grad,deepspeed-mixed,plain-full --output "$OUT/throughput-accum4.json" "$@"
 fi
 if [[ "$SUITE" == fp8 || "$SUITE" == all ]]; then
   [[ -f "$DATA/manifest.json" ]] || { echo "no data_prep output at $DATA (set DATA=...; see bench/gpu/README.md)" >&2; exit 2; }
