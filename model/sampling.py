@@ -103,8 +103,21 @@ def nucleus(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out.log_softmax(dim=-1)
 
 
-def _draw(log_probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-    return categorical(nucleus(log_probs, top_p), generator)
+@dataclass(frozen=True)
+class Decoding:
+    """How tokens are drawn from the model's distribution: temperature (p^(1/T), renormalised),
+    then nucleus truncation to top_p."""
+    top_p: float = 1.0
+    temperature: float = 1.0
+
+    def log_probs(self, log_probs: torch.Tensor) -> torch.Tensor:
+        if self.temperature != 1.0:
+            log_probs = (log_probs.double() / self.temperature).log_softmax(dim=-1)
+        return nucleus(log_probs, self.top_p)
+
+
+def _draw(log_probs: torch.Tensor, decoding: Decoding, generator) -> torch.Tensor:
+    return categorical(decoding.log_probs(log_probs), generator)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -121,7 +134,8 @@ def check_steps(steps) -> None:
 
 def check_sampler_args(*, sampler: str = "cached", steps=1, num_samples: int = 1, length: int = 1,
                        prompt_length: int = 0, block_size: int | None = None, carry: int | None = None,
-                       top_p: float = 1.0, final: str = "sample", objective: str = "mdlm") -> None:
+                       top_p: float = 1.0, final: str = "sample", objective: str = "mdlm",
+                       temperature: float = 1.0) -> None:
     """Every check that needs no model: raises ValueError with a message naming the argument."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
@@ -134,6 +148,8 @@ def check_sampler_args(*, sampler: str = "cached", steps=1, num_samples: int = 1
                          "raise the length or shorten the prompt")
     if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if final not in FINAL_STEPS:
         raise ValueError(f"final step must be one of {', '.join(FINAL_STEPS)}, got '{final}'")
     if sampler == "semi-ar" and objective == "mdlm":
@@ -221,7 +237,7 @@ def _fill_with_argmax(x: torch.Tensor, t: float, denoiser: _Denoiser, mask_id: i
     return x
 
 
-def _denoise_ancestral(model: MDLM, x: torch.Tensor, steps: int, generator, top_p: float,
+def _denoise_ancestral(model: MDLM, x: torch.Tensor, steps: int, generator, decoding: Decoding,
                        denoiser: _Denoiser, final: str) -> torch.Tensor:
     """Reverse process over `steps` uniform steps on the canvas x (known tokens + [MASK])."""
     mask_id, sched = model.mask_id, model.schedule
@@ -242,11 +258,11 @@ def _denoise_ancestral(model: MDLM, x: torch.Tensor, steps: int, generator, top_
         lp = denoiser(x, float(t), denoiser.rows_to_run(pending, changed), reveal)
         if changed.any():
             x = x.clone()
-            x[reveal] = _draw(lp, top_p, generator)
+            x[reveal] = _draw(lp, decoding, generator)
     return _fill_with_argmax(x, grid[-1], denoiser, mask_id) if final == "argmax" else x
 
 
-def _denoise_confidence(model: MDLM, x: torch.Tensor, steps: int, generator, top_p: float,
+def _denoise_confidence(model: MDLM, x: torch.Tensor, steps: int, generator, decoding: Decoding,
                         denoiser: _Denoiser, final: str) -> torch.Tensor:
     """k_i tokens per step at the masked positions with the largest top probability; the number
     still masked after step i follows the schedule: round(M * m(s_i) / m(1)) of the M masked."""
@@ -277,7 +293,7 @@ def _denoise_confidence(model: MDLM, x: torch.Tensor, steps: int, generator, top
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
         reveal = masked & (rank < k[:, None])
         x = x.clone()
-        x[reveal] = _draw(lp[slot[reveal]], top_p, generator)
+        x[reveal] = _draw(lp[slot[reveal]], decoding, generator)
     return _fill_with_argmax(x, grid[-1], denoiser, mask_id) if final == "argmax" else x
 
 
@@ -288,7 +304,7 @@ _INNER = {"ancestral": _denoise_ancestral, "cached": _denoise_ancestral, "confid
 def mdlm_ancestral(model: MDLM, num_samples: int, length: int, steps: int, *,
                    generator: torch.Generator | None = None, prompt: torch.Tensor | None = None,
                    use_cache: bool = True, top_p: float = 1.0, device=None,
-                   final: str = "sample") -> SampleResult:
+                   final: str = "sample", temperature: float = 1.0) -> SampleResult:
     """Reverse process over `steps` uniform steps from t = 1 (all [MASK]) to t = 0.
 
     From t to s a masked position is revealed with probability (alpha_s - alpha_t)/(1 - alpha_t)
@@ -301,30 +317,32 @@ def mdlm_ancestral(model: MDLM, num_samples: int, length: int, steps: int, *,
     min(steps, length) passes (one more with final="argmax"), and the samples are exactly those
     of `use_cache=False` for the same generator."""
     check_sampler_args(sampler="cached", steps=steps, num_samples=num_samples, length=length,
-                       top_p=top_p, final=final)
+                       top_p=top_p, final=final, temperature=temperature)
     return _mdlm_run(model, num_samples, length, int(steps), _denoise_ancestral, generator=generator,
-                     prompt=prompt, use_cache=use_cache, top_p=top_p, device=device, final=final)
+                     prompt=prompt, use_cache=use_cache, decoding=Decoding(top_p, temperature), device=device,
+                     final=final)
 
 
 @torch.no_grad()
 def mdlm_confidence(model: MDLM, num_samples: int, length: int, steps: int, *,
                     generator: torch.Generator | None = None, prompt: torch.Tensor | None = None,
                     use_cache: bool = True, top_p: float = 1.0, device=None,
-                    final: str = "sample") -> SampleResult:
+                    final: str = "sample", temperature: float = 1.0) -> SampleResult:
     """Confidence-ordered parallel unmasking (k tokens per step, see _denoise_confidence)."""
     check_sampler_args(sampler="confidence", steps=steps, num_samples=num_samples, length=length,
-                       top_p=top_p, final=final)
+                       top_p=top_p, final=final, temperature=temperature)
     return _mdlm_run(model, num_samples, length, int(steps), _denoise_confidence, generator=generator,
-                     prompt=prompt, use_cache=use_cache, top_p=top_p, device=device, final=final)
+                     prompt=prompt, use_cache=use_cache, decoding=Decoding(top_p, temperature), device=device,
+                     final=final)
 
 
-def _mdlm_run(model, num_samples, length, steps, inner, *, generator, prompt, use_cache, top_p,
+def _mdlm_run(model, num_samples, length, steps, inner, *, generator, prompt, use_cache, decoding,
               device, final) -> SampleResult:
     device = device or model_device(model)
     x = _prompt_canvas(prompt, num_samples, length, model.mask_id, device)
     counter = _Counter(num_samples)
     with eval_mode(model):
-        x = inner(model, x, steps, generator, top_p, _Denoiser(model, num_samples, use_cache, counter), final)
+        x = inner(model, x, steps, generator, decoding, _Denoiser(model, num_samples, use_cache, counter), final)
     return counter.result(x)
 
 
@@ -344,14 +362,15 @@ def semi_ar_windows(length: int, block_size: int, carry: int) -> list[tuple[int,
 def mdlm_semi_ar(model: MDLM, num_samples: int, length: int, steps: int, *, block_size: int,
                  carry: int | None = None, generator: torch.Generator | None = None,
                  prompt: torch.Tensor | None = None, use_cache: bool = True, top_p: float = 1.0,
-                 device=None, final: str = "sample", inner: str = "cached") -> SampleResult:
+                 device=None, final: str = "sample", inner: str = "cached",
+                 temperature: float = 1.0) -> SampleResult:
     """Semi-autoregressive generation of any length: `steps` reverse steps per block of
     `block_size` positions; each block after the first starts with the last `carry` (default
     block_size // 2) tokens already generated, kept fixed by carry-over. Known tokens of the prompt
     anywhere in the output are kept too."""
     carry = block_size // 2 if carry is None and block_size is not None else carry
     check_sampler_args(sampler="semi-ar", steps=steps, num_samples=num_samples, length=length,
-                       block_size=block_size, carry=carry, top_p=top_p, final=final)
+                       block_size=block_size, carry=carry, top_p=top_p, final=final, temperature=temperature)
     if inner not in _INNER:
         raise ValueError(f"inner sampler must be one of {', '.join(_INNER)}, got '{inner}'")
     device = device or model_device(model)
@@ -361,7 +380,8 @@ def mdlm_semi_ar(model: MDLM, num_samples: int, length: int, steps: int, *, bloc
     with eval_mode(model):
         for start, end in windows:
             denoiser = _Denoiser(model, num_samples, use_cache and inner != "ancestral", counter)
-            x[:, start:end] = _INNER[inner](model, x[:, start:end].clone(), int(steps), generator, top_p,
+            x[:, start:end] = _INNER[inner](model, x[:, start:end].clone(), int(steps), generator,
+                                            Decoding(top_p, temperature),
                                             denoiser, final)
     return counter.result(x, blocks=len(windows))
 
@@ -423,12 +443,14 @@ def _forward_cached(backbone, tokens: torch.Tensor, cache: _KVCache) -> torch.Te
 @torch.no_grad()
 def ar_sample(model: AutoregressiveLM, num_samples: int, length: int, bos_id: int, *,
               generator: torch.Generator | None = None, top_p: float = 1.0, device=None,
-              prompt: torch.Tensor | None = None, use_cache: bool = True) -> SampleResult:
+              prompt: torch.Tensor | None = None, use_cache: bool = True,
+              temperature: float = 1.0) -> SampleResult:
     """AR decoding after BOS (and the prompt, if any): length - 1 - P new tokens, one network
     call each. With `use_cache` (a DiT backbone), keys and values of the prefix are kept per block
     and each call runs the new token only; otherwise every call reruns the whole prefix."""
     check_sampler_args(sampler="cached", num_samples=num_samples, length=length, top_p=top_p,
-                       objective="ar")
+                       objective="ar", temperature=temperature)
+    decoding = Decoding(top_p, temperature)
     device = device or model_device(model)
     x = torch.full((num_samples, 1), bos_id, dtype=torch.long, device=device)
     if prompt is not None:
@@ -452,7 +474,7 @@ def ar_sample(model: AutoregressiveLM, num_samples: int, length: int, bos_id: in
             if not cached:
                 logits = model.backbone(x)[:, -1].float()
             counter.add(None)
-            nxt = categorical(nucleus(logits.log_softmax(-1), top_p), generator)[:, None]
+            nxt = categorical(decoding.log_probs(logits.log_softmax(-1)), generator)[:, None]
             x = torch.cat([x, nxt], dim=1)
             if cached and j + 1 < new:
                 logits = _forward_cached(model.backbone, nxt, cache)[:, -1]
@@ -466,17 +488,18 @@ def generate(model, num_samples: int, length: int, *, sampler: str = "cached", s
              block_size: int | None = None, carry: int | None = None,
              prompt: torch.Tensor | None = None, top_p: float = 1.0,
              generator: torch.Generator | None = None, bos_id: int = 0, final: str = "sample",
-             device=None) -> SampleResult:
+             device=None, temperature: float = 1.0) -> SampleResult:
     """Sample with any of SAMPLERS (MDLM) or, for an AutoregressiveLM, KV-cached AR decoding from
     BOS (`sampler` and `steps` then do not apply; `sampler="ancestral"` turns the KV cache off)."""
     if isinstance(model, AutoregressiveLM):
         check_sampler_args(sampler=sampler, num_samples=num_samples, length=length, top_p=top_p,
-                           objective="ar")
+                           objective="ar", temperature=temperature)
         return ar_sample(model, num_samples, length, bos_id, generator=generator, top_p=top_p,
-                         device=device, prompt=prompt, use_cache=sampler != "ancestral")
+                         device=device, prompt=prompt, use_cache=sampler != "ancestral", temperature=temperature)
     check_sampler_args(sampler=sampler, steps=steps, num_samples=num_samples, length=length,
-                       block_size=block_size, carry=carry, top_p=top_p, final=final)
-    common = {"generator": generator, "prompt": prompt, "top_p": top_p, "device": device, "final": final}
+                       block_size=block_size, carry=carry, top_p=top_p, final=final, temperature=temperature)
+    common = {"generator": generator, "prompt": prompt, "top_p": top_p, "device": device, "final": final,
+              "temperature": temperature}
     if sampler == "semi-ar":
         return mdlm_semi_ar(model, num_samples, length, steps, block_size=block_size, carry=carry, **common)
     if sampler == "confidence":
@@ -486,6 +509,7 @@ def generate(model, num_samples: int, length: int, *, sampler: str = "cached", s
 
 __all__ = [
     "SAMPLERS",
+    "Decoding",
     "SampleResult",
     "ar_sample",
     "categorical",

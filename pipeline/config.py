@@ -121,9 +121,12 @@ class SampleConfig:
     steps: int = 128
     length: int = 0                # 0 = the data's seq_len
     top_p: float = 1.0
+    temperature: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:  # checked at start, not after the whole training run
+        if not 0.0 < self.temperature < float("inf"):
+            raise ConfigError(f"sample.temperature={self.temperature}: must be > 0")
         if self.num_samples < 0:
             raise ConfigError(f"sample.num_samples={self.num_samples}: use 0 (no samples) or more")
         if self.steps < 1:

@@ -2,7 +2,7 @@
 
     python -m pipeline.sample --checkpoint RUN_DIR/checkpoints --steps 128 --num-samples 4 --length 128
         [--prompt TEXT] [--suffix TEXT] [--sampler ancestral|cached|semi-ar|confidence]
-        [--block-size B] [--carry C] [--top-p P] [--seed S] [--judge AR_CKPT]
+        [--block-size B] [--carry C] [--top-p P] [--temperature T] [--seed S] [--judge AR_CKPT]
 
 Writes PREFIX.txt (the texts) and PREFIX.json (network calls, rows evaluated, wall time, tokens/s,
 entropy, and gen-PPL under --judge). MDLM samples start with BOS followed by the prompt when one is
@@ -43,6 +43,7 @@ def parse_args(argv):
                         "steps end at t=eps and one more pass fills the ~m(eps) still masked with "
                         "the argmax (the MDLM reference's noise removal)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="p^(1/T) before top-p (below 1: sharper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="same as --sampler ancestral")
     p.add_argument("--no-ema", action="store_true")
@@ -67,6 +68,8 @@ def parse_args(argv):
         p.error(f"--length must be >= 1, or 0 for the training seq_len (got {args.length})")
     if not 0.0 < args.top_p <= 1.0:
         p.error(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if not 0.0 < args.temperature < float("inf"):
+        p.error(f"--temperature must be > 0 (got {args.temperature})")
     if args.block_size and args.block_size < 2:
         p.error(f"--block-size must be >= 2 (got {args.block_size})")
     if args.carry >= 0 and args.block_size and args.carry >= args.block_size:
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     result = generate(model, args.num_samples, length, sampler=args.sampler, steps=args.steps,
                       block_size=block_size if args.sampler == "semi-ar" else None, carry=carry,
                       prompt=canvas, top_p=args.top_p, generator=gen, bos_id=bos_id, final=args.final,
-                      device=args.device)
+                      device=args.device, temperature=args.temperature)
     sync()
     wall = time.perf_counter() - start
     tokens = result.tokens.cpu()
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = {"checkpoint": str(loaded.path), "weights": loaded.weights, "objective": objective,
              "sampler": args.sampler if objective == "mdlm" else ("ar-kv" if args.sampler != "ancestral" else "ar"),
              "steps": args.steps, "block_size": block_size if args.sampler == "semi-ar" else None,
-             "carry": carry if args.sampler == "semi-ar" else None, "top_p": args.top_p, "seed": args.seed,
+             "carry": carry if args.sampler == "semi-ar" else None, "top_p": args.top_p, "temperature": args.temperature, "seed": args.seed,
              "final": args.final, "num_samples": args.num_samples, "length": length,
              "prompt_tokens": len(prompt), "suffix_tokens": len(suffix), **result.stats(),
              "wall_s": wall, "tokens_per_s": args.num_samples * length / wall, "device": str(args.device),

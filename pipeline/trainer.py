@@ -584,10 +584,11 @@ class Trainer:
         # far inside the process-group timeout for large models
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             if self.is_mdlm:
-                result = mdlm_ancestral(model, s.num_samples, length, s.steps, generator=gen, top_p=s.top_p)
+                result = mdlm_ancestral(model, s.num_samples, length, s.steps, generator=gen, top_p=s.top_p,
+                                        temperature=s.temperature)
             else:
                 result = ar_sample(model, s.num_samples, length, int(self.manifest["tokenizer"]["bos_id"]),
-                                   generator=gen, top_p=s.top_p)
+                                   generator=gen, top_p=s.top_p, temperature=s.temperature)
         tok = Tokenizer.from_file(str(Path(self.cfg.data.path) / "tokenizer" / "tokenizer.json"))
         return [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens]
 

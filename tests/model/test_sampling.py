@@ -135,6 +135,23 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert torch.equal(nucleus(lp, 1.0), lp)
 
 
+def test_temperature_sharpens_before_the_nucleus():
+    lp = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64).log()
+    sharp = sampling.Decoding(temperature=0.5).log_probs(lp).exp()  # p^2, renormalised
+    torch.testing.assert_close(sharp, torch.tensor([[0.04, 0.25, 0.09]], dtype=torch.float64) / 0.38)
+    # T = 0.5 then top-p 0.6: 0.658 alone reaches it
+    assert torch.equal(sampling.Decoding(0.6, 0.5).log_probs(lp).exp() > 0, torch.tensor([[False, True, False]]))
+    assert torch.equal(sampling.Decoding().log_probs(lp), lp)
+    model = tiny_model()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cold = generate(model, 64, 8, steps=8, generator=gen(), temperature=0.05)
+    warm = generate(model, 64, 8, steps=8, generator=gen(), temperature=1.0)
+    # near-zero temperature is nearly greedy: far fewer distinct tokens per position
+    assert len(set(cold.tokens[:, 3].tolist())) < len(set(warm.tokens[:, 3].tolist()))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        generate(model, 1, 8, steps=4, temperature=0.0)
+
+
 def chain_source(length: int) -> MarkovChain:
     transition = torch.tensor([[0.8, 0.15, 0.05], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]], dtype=torch.float64)
     return MarkovChain(transition, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), length)

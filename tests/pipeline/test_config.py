@@ -35,6 +35,7 @@ def test_yaml_plus_dotted_overrides(markov_data):
     # the final samples' settings are checked at start, not after the whole run
     ("sample.steps=0", "sample.steps=0: the reverse process needs at least 1 step"),
     ("sample.top_p=1.5", "sample.top_p=1.5: must be in (0, 1]"),
+    ("sample.temperature=0", "sample.temperature=0.0: must be > 0"),
     ("sample.num_samples=-1", "sample.num_samples=-1: use 0 (no samples) or more"),
     ("train.grad_precision=fp16", "train.grad_precision: 'fp16' is not one of 'fp32', 'bf16'"),
     ("train.precision=fp8 fp8.backend=te train.activation_checkpointing=true",

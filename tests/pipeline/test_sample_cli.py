@@ -53,8 +53,8 @@ def words(text: str) -> list[str]:
 @pytest.mark.parametrize("sampler", ["ancestral", "cached", "confidence"])
 def test_each_sampler_writes_texts_and_costs(ckpts, tmp_path, sampler):
     stats, texts = sample(ckpts["mdlm"], tmp_path, sampler, "--sampler", sampler, "--steps", "64",
-                          "--num-samples", "3", "--length", "16", "--seed", "1")
-    assert stats["weights"] == "ema" and stats["sampler"] == sampler
+                          "--num-samples", "3", "--length", "16", "--seed", "1", "--temperature", "0.9")
+    assert stats["weights"] == "ema" and stats["sampler"] == sampler and stats["temperature"] == 0.9
     assert (stats["num_samples"], stats["length"]) == (3, 16)
     assert len(texts) == 3 and all(len(words(t)) == 16 for t in texts)
     assert stats["wall_s"] > 0 and stats["tokens_per_s"] == pytest.approx(3 * 16 / stats["wall_s"])
@@ -158,6 +158,7 @@ def test_bad_arguments_fail_before_any_work(ckpts, tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(inference, "load_checkpoint_model", no_loading)
     cases = ((missing, ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+             (missing, ["--temperature", "0"], "--temperature must be > 0"),
              (missing, ["--sampler", "semi-ar", "--block-size", "8", "--carry", "8"], "--carry must be smaller"),
              (missing, ["--block-size", "8"], "only apply to --sampler semi-ar"),
              (missing, [], "no complete checkpoint"),
