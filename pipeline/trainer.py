@@ -605,14 +605,15 @@ class Trainer:
     def run(self) -> dict:
         t = self.cfg.train
         self.engine.train()
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
         start_step, run_start = self.step, time.perf_counter()
         summary: dict = {}
         while self.step < t.max_steps:
             stats = self.train_step()
             window_tokens += t.global_batch_size * self.seq_len
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                elapsed = time.perf_counter() - window_start
+                # training throughput: evaluations and checkpoint saves inside the window are left out
+                elapsed = max(time.perf_counter() - window_start - paused, 1e-9)
                 tps = window_tokens / elapsed
                 stats["perf/tokens_per_s"] = tps
                 stats["perf/mem_gb"] = metrics.memory_gb(self.device)
@@ -630,11 +631,13 @@ class Trainer:
                              f" mfu {stats['perf/mfu']:.1%}" if "perf/mfu" in stats else "",
                              stats["perf/mem_gb"], eta)
                 self._log(stats)
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
+            aside = time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                 self._log_eval(self.evaluate())
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                 self.save()
+            paused += time.perf_counter() - aside
             if self._stop_requested():
                 if self.rank == 0:
                     log.warning("stop signal received: saving a checkpoint at step %d and exiting", self.step)
