@@ -9,7 +9,7 @@ can stand in for the DiT, e.g. an exact denoiser of a known source in the tests.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,11 @@ from .noise import make_schedule
 NEG_INF = -1e6  # representable in bf16 and fp32, unlike in fp16
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
+    """A tuple, not a dataclass: DeepSpeed's engine registers its backward prologue on the tensors
+    it finds in the forward's output (tensors, tuples, lists, dicts). Hidden in a dataclass, the
+    prologue never ran, and BF16_Optimizer (ZeRO-1 with fp32 gradients) then added each earlier
+    micro-batch's gradient again at every later one."""
     loss: torch.Tensor        # scalar: loss_sum / num_tokens (what backward sees)
     loss_sum: torch.Tensor    # summed (weighted) NLL over the counted tokens
     num_tokens: torch.Tensor  # tokens that count (non-pad)

@@ -4,7 +4,8 @@
         --seq-len 1024 --gpus 64 [--precision bf16] [--vocab 50258] [--activation-checkpointing]
 
 Model states (bytes per parameter held by this GPU, AdamW, as the trainer runs DeepSpeed):
-  bf16/fp8:   weights 2, gradients 4 (train.grad_precision=fp32, ZeRO 1-3; 2 with bf16 or ZeRO-0),
+  bf16/fp8:   weights 2, gradients 4 (train.grad_precision=fp32 at ZeRO 2-3; 6 at ZeRO-1: BF16_Optimizer's
+              fp32 buffer + the bf16 gradients; 2 with grad_precision=bf16 or ZeRO-0),
               optimizer 12 (fp32 master copy + Adam m and v)
   bf16-mixed: weights 4, gradients 4, optimizer 12 with ZeRO-1/2 (their fp32 partition copy +
               Adam m and v), 8 with ZeRO-0/3; activations are bf16 as with bf16
@@ -110,7 +111,9 @@ def estimate(cfg: ModelConfig, tensor: int, zero_stage: int, micro_batch: int, s
     # weights' partitions, ZeRO-3 updates fp32 partitions in place
     w_bytes, g_bytes = (2, 2) if half else (4, 4)
     if half and grad_precision == "fp32" and zero_stage >= 1:
-        g_bytes = 4  # accumulated in fp32 (ZeRO-1: BF16_Optimizer's whole fp32 gradient buffer)
+        # accumulated in fp32; ZeRO-1 (BF16_Optimizer) keeps a whole fp32 buffer next to the
+        # bf16 gradients each backward produces
+        g_bytes = 6 if zero_stage == 1 else 4
     o_bytes = 12 if half or zero_stage in (1, 2) else 8
     weights = p * w_bytes / (data if zero_stage >= 3 else 1)
     grads = p * g_bytes / (data if zero_stage >= 2 else 1)

@@ -103,3 +103,23 @@ def test_bf16_weights_accumulate_and_reduce_gradients_in_fp32_by_default(tmp_pat
     cfg.train.precision = "fp32"
     ds = build_deepspeed_config(cfg, 1)
     assert "data_types" not in ds and "communication_data_type" not in ds
+
+
+def test_zero1_fp32_gradients_accumulate_each_micro_batch_once(markov_data, tmp_path):
+    """bf16 weights at ZeRO-1 with fp32 gradients (DeepSpeed's BF16_Optimizer) against ZeRO-2,
+    two micro-batches per step: the same gradient norms and losses. When the model's output hid
+    its tensors from DeepSpeed, ZeRO-1 re-added the first micro-batch's gradient (norm 2x)."""
+    norms = {}
+    for stage in (1, 2):
+        run_single(tmp_path / f"zero{stage}", markov_data, "train.max_steps=3", "train.log_every=1",
+                   "tracking.enabled=false", "eval.max_batches=1", "sample.num_samples=0",
+                   "train.precision=bf16", f"train.zero_stage={stage}", "data.micro_batch_size=8",
+                   "train.global_batch_size=16", "train.checkpoint_every=0")
+        norms[stage] = _series(tmp_path / f"zero{stage}", "train/grad_norm")
+        losses = _series(tmp_path / f"zero{stage}", "train/loss")
+        norms[stage] = {s: (norms[stage][s], losses[s]) for s in norms[stage]}
+    assert sorted(norms[1]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        (g1, l1), (g2, l2) = norms[1][step], norms[2][step]
+        assert abs(g1 - g2) / g2 < 1e-3 and abs(l1 - l2) < 1e-3, (step, norms)
+

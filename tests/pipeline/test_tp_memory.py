@@ -62,7 +62,7 @@ def test_estimate_follows_the_formulas():
     assert est.weights_gib == pytest.approx(2 * p / 16 / GIB)
     assert est.grads_gib == pytest.approx(4 * p / 16 / GIB)   # accumulated in fp32 (train.grad_precision)
     assert estimate(cfg, 4, 3, 4, 1024, 64, grad_precision="bf16").grads_gib == pytest.approx(2 * p / 16 / GIB)
-    assert estimate(cfg, 4, 1, 4, 1024, 64).grads_gib == pytest.approx(4 * p / GIB)  # ZeRO-1: not partitioned
+    assert estimate(cfg, 4, 1, 4, 1024, 64).grads_gib == pytest.approx(6 * p / GIB)  # ZeRO-1: fp32 + bf16, whole
     assert est.optimizer_gib == pytest.approx(12 * p / 16 / GIB)
     assert est.ema_gib == pytest.approx(4 * p / 16 / GIB)  # ZeRO 1-3 partition the EMA too
     assert estimate(cfg, 4, 2, 4, 1024, 64).ema_gib == pytest.approx(4 * p / 16 / GIB)
