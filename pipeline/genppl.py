@@ -11,10 +11,17 @@ scores tokens 1..L-1 of each sample, so an AR sample (BOS + L-1 generated tokens
 of the same length are scored on the same number of tokens. Gen-PPL = exp(total NLL / scored tokens).
 Entropy: the unigram entropy (nats) of each sample's tokens, averaged over samples (low-temperature
 or degenerate samplers lower it together with gen-PPL), and the entropy of all samples pooled.
+
+Samples written by `python -m pipeline.sample` are scored again, e.g. under another judge, with
+    python -m pipeline.genppl PREFIX.json --judge AR_CKPT_OR_HF_DIR [--device auto] [--output FILE]
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -178,3 +185,85 @@ def evaluate_samples(tokens: torch.Tensor, judge=None, texts: list[str] | None =
     if judge is not None:
         out.update(gen_ppl(judge, tokens, texts, batch_size))
     return out
+
+
+def read_samples(path: str | Path) -> tuple[dict, torch.Tensor, list[str]]:
+    """(stats, token ids (N, L), texts) of the samples behind PREFIX, PREFIX.json or PREFIX.jsonl."""
+    path = Path(path)
+    prefix = path.with_suffix("") if path.suffix in (".json", ".jsonl") else path
+    stats_file, rows_file = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".jsonl")
+    if not stats_file.is_file():
+        raise FileNotFoundError(f"{stats_file} not found: pass the PREFIX.json that python -m pipeline.sample wrote")
+    if not rows_file.is_file():
+        raise FileNotFoundError(f"{rows_file} not found: it holds the samples' token ids, which pipeline.sample "
+                                "writes next to PREFIX.json (samples from before it need sampling again)")
+    stats = json.loads(stats_file.read_text())
+    tokens, texts = [], []
+    for number, line in enumerate(rows_file.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            tokens.append([int(t) for t in row["tokens"]])
+            texts.append(str(row["text"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{rows_file} line {number} is not a sample ({{\"tokens\": [...], \"text\": ...}}): "
+                             f"{type(err).__name__}: {err}") from err
+    if not tokens:
+        raise ValueError(f"{rows_file} holds no samples")
+    if len({len(row) for row in tokens}) != 1:
+        raise ValueError(f"{rows_file}: samples of different lengths; score each pipeline.sample output on its own")
+    return stats, torch.tensor(tokens, dtype=torch.long), texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.genppl",
+                                description="Gen-PPL and entropy of samples written by python -m pipeline.sample")
+    p.add_argument("samples", help="PREFIX.json of a pipeline.sample run (PREFIX.jsonl must be next to it)")
+    p.add_argument("--judge", default="", help="AR checkpoint of this project or a Hugging Face causal-LM "
+                                               "directory (without it: entropy only)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-ema", action="store_true", help="judge with the raw weights of a project checkpoint")
+    p.add_argument("--output", default="", help="also write the result to this JSON file")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1 (got {args.batch_size})")
+    from .inference import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        stats, tokens, texts = read_samples(args.samples)
+        if args.judge:
+            if "tokenizer" not in stats:
+                raise ValueError(f"{args.samples} names no tokenizer: pass the PREFIX.json that pipeline.sample wrote")
+            check_judge(args.judge, stats)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        p.error(str(err))
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        samples_prefix = Path(args.samples).with_suffix("") if Path(args.samples).suffix in (".json", ".jsonl") \
+            else Path(args.samples)
+        if output.resolve() in {samples_prefix.with_name(samples_prefix.name + e).resolve() for e in (".json", ".jsonl", ".txt")}:
+            p.error(f"--output {output} is one of the samples' own files: name another file")
+        if output.is_dir():
+            p.error(f"--output {output} is a directory: name a JSON file")
+    judge = None
+    if args.judge:
+        judge = HFJudge(args.judge, device) if is_hf_directory(args.judge) else None
+        if judge is None:
+            from .inference import load_checkpoint_model
+
+            loaded = load_checkpoint_model(args.judge, use_ema=not args.no_ema, device=device)
+            judge = ProjectJudge(loaded.model, str(loaded.path), tokenizer_sha(loaded.config))
+    result = {"samples": str(args.samples), "num_samples": tokens.shape[0], "length": tokens.shape[1],
+              **evaluate_samples(tokens, judge, texts, args.batch_size)}
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, output)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

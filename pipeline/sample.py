@@ -3,9 +3,11 @@
     python -m pipeline.sample --checkpoint RUN_DIR/checkpoints --steps 128 --num-samples 4 --length 128
         [--prompt TEXT] [--suffix TEXT] [--sampler ancestral|cached|semi-ar|confidence]
         [--block-size B] [--carry C] [--top-p P] [--temperature T] [--seed S] [--judge AR_CKPT]
+        [--stop-at-eos]
 
-Writes PREFIX.txt (the texts) and PREFIX.json (network calls, rows evaluated, wall time, tokens/s,
-entropy, and gen-PPL under --judge). MDLM samples start with BOS followed by the prompt when one is
+Writes PREFIX.txt (the texts), PREFIX.jsonl (each sample's token ids and whole text, a line each)
+and PREFIX.json (network calls, rows evaluated, wall time, tokens/s, entropy, gen-PPL under
+--judge, the tokenizer); `python -m pipeline.genppl PREFIX.json --judge ...` scores them later. MDLM samples start with BOS followed by the prompt when one is
 given (training samples begin with BOS); `[MASK]` in the prompt or suffix marks a position for the
 model to fill (infilling); --suffix puts known tokens at the end of each sample. An AR checkpoint
 decodes from BOS + prompt with a KV cache (--sampler ancestral turns the cache off).
@@ -50,6 +52,10 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default; 1 is fastest on busy cores)")
     p.add_argument("--judge", default="", help="AR checkpoint (or Hugging Face directory) for gen-PPL")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="PREFIX.txt ends each sample before its first end-of-text token after the prompt "
+                        "(packed training data joins documents with it); gen-PPL and entropy still score "
+                        "whole samples, as the MDLM paper does")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the copy in the checkpoint)")
     p.add_argument("--data", default="", help="the training data_prep output, for checkpoints that hold no copy "
                                               "of its manifest and tokenizer (default: the run's data.path)")
@@ -76,6 +82,8 @@ def parse_args(argv):
         p.error(f"--carry must be smaller than --block-size (got {args.carry} >= {args.block_size})")
     if args.sampler != "semi-ar" and (args.block_size or args.carry >= 0):
         p.error("--block-size and --carry only apply to --sampler semi-ar")
+    if args.stop_at_eos and args.suffix:
+        p.error("--stop-at-eos would cut off the --suffix that ends each sample: use one of them")
     return p, args
 
 
@@ -110,6 +118,14 @@ def output_prefix(output: str) -> Path:
     elif path.suffix in (".txt", ".json"):  # --output gen.txt means the prefix gen
         path = path.with_suffix("")
     return path
+
+
+def until_eos(row: list[int], start: int, eos_id: int) -> list[int]:
+    """row up to (without) the first eos_id at or after position start."""
+    try:
+        return row[:row.index(eos_id, start)]
+    except ValueError:
+        return row
 
 
 def _with(prefix: Path, extension: str) -> Path:
@@ -215,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     tokens = result.tokens.cpu()
     texts = [tok.decode(row.tolist(), skip_special_tokens=False) for row in tokens]
-    _with(prefix, ".txt").write_text("\n\n=====\n\n".join(texts) + "\n")
+    shown = texts
+    if args.stop_at_eos:
+        eos_id, start = int(manifest["tokenizer"]["eos_id"]), 1 + len(prompt)
+        shown = [tok.decode(until_eos(row.tolist(), start, eos_id), skip_special_tokens=False) for row in tokens]
+    _with(prefix, ".txt").write_text("\n\n=====\n\n".join(shown) + "\n")
+    _with(prefix, ".jsonl").write_text("".join(json.dumps({"tokens": row, "text": text}) + "\n"
+                                               for row, text in zip(tokens.tolist(), texts)))
     from .genppl import evaluate_samples, load_judge
 
     judge = load_judge(args.judge, args.device) if args.judge else None
@@ -225,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
              "steps": args.steps, "block_size": block_size if args.sampler == "semi-ar" else None,
              "carry": carry if args.sampler == "semi-ar" else None, "top_p": args.top_p, "temperature": args.temperature, "seed": args.seed,
              "final": args.final, "num_samples": args.num_samples, "length": length,
-             "prompt_tokens": len(prompt), "suffix_tokens": len(suffix), **result.stats(),
+             "prompt_tokens": len(prompt), "suffix_tokens": len(suffix), "stop_at_eos": args.stop_at_eos,
+             **result.stats(),
              "wall_s": wall, "tokens_per_s": args.num_samples * length / wall, "device": str(args.device),
              **quality}
+    stats["tokenizer"] = manifest["tokenizer"]
     _with(prefix, ".json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))
     return 0

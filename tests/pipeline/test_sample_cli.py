@@ -341,3 +341,57 @@ def cli_module(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, check=False)
 
+
+
+def test_stop_at_eos_and_genppl_scores_saved_samples_again(ckpts, tmp_path, capsys):
+    from pipeline.genppl import main as genppl
+
+    # the markov tokenizer's EOS is t0 (also its BOS)
+    stats, texts = sample(ckpts["mdlm"], tmp_path, "cut", "--steps", "16", "--num-samples", "4", "--length", "32",
+                          "--prompt", "t3", "--stop-at-eos", "--judge", str(ckpts["ar"]))
+    rows = [json.loads(line) for line in (tmp_path / "cut.jsonl").read_text().splitlines()]
+    assert stats["stop_at_eos"] and stats["tokenizer"]["eos_id"] == 0 and len(rows) == 4
+    cut_somewhere = False
+    for text, row in zip(texts, rows):
+        assert len(row["tokens"]) == 32 and words(row["text"]) == [f"t{i}" for i in row["tokens"]]
+        after_prompt = row["tokens"][2:]
+        end = 2 + after_prompt.index(0) if 0 in after_prompt else 32
+        assert words(text) == [f"t{i}" for i in row["tokens"][:end]]
+        cut_somewhere |= end < 32
+    assert cut_somewhere  # t0 is common in the chain: the test would not notice a missing cut otherwise
+    capsys.readouterr()
+    out = tmp_path / "scores" / "judged.json"
+    assert genppl([str(tmp_path / "cut.json"), "--judge", str(ckpts["ar"]), "--device", "cpu",
+                   "--output", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again == json.loads(out.read_text())
+    assert again["gen_ppl"] == pytest.approx(stats["gen_ppl"], rel=1e-6)  # whole samples, as when sampling
+    assert (again["judge_tokens"], again["entropy"]) == (stats["judge_tokens"], stats["entropy"])
+    assert genppl([str(tmp_path / "cut")]) == 0 and "gen_ppl" not in json.loads(capsys.readouterr().out)
+
+
+def test_genppl_refuses_bad_samples_and_outputs(ckpts, tmp_path, capsys):
+    from pipeline.genppl import main as genppl
+
+    sample(ckpts["mdlm"], tmp_path, "s", "--steps", "4", "--num-samples", "2", "--length", "8")
+    capsys.readouterr()
+    before = (tmp_path / "s.json").read_text()
+    (tmp_path / "old.json").write_text(before)
+    (tmp_path / "bad.json").write_text(before)
+    (tmp_path / "bad.jsonl").write_text('{"tokens": [1, 2], "text": "t1 t2"}\n{"tokens": "x"}\n')
+    cases = ((["nowhere.json"], "nowhere.json not found"),
+             ([str(tmp_path / "old.json")], "old.jsonl not found"),
+             ([str(tmp_path / "bad.json")], "bad.jsonl line 2 is not a sample"),
+             ([str(tmp_path / "s.json"), "--output", str(tmp_path / "s.json")], "is one of the samples' own files"),
+             ([str(tmp_path / "s.json"), "--judge", str(ckpts["mdlm"])], "the judge must be autoregressive"),
+             ([str(tmp_path / "s.json"), "--batch-size", "0"], "--batch-size must be >= 1"))
+    for args, message in cases:
+        with pytest.raises(SystemExit) as info:
+            genppl(args)
+        assert info.value.code == 2 and message in capsys.readouterr().err, args
+    assert (tmp_path / "s.json").read_text() == before
+    with pytest.raises(SystemExit):
+        from pipeline.sample import main
+
+        main(["--checkpoint", str(ckpts["mdlm"]), "--stop-at-eos", "--suffix", "t1"])
+    assert "would cut off the --suffix" in capsys.readouterr().err
