@@ -180,8 +180,8 @@ def _launched_ranks(device_arg: str):
 
 def main(argv: list[str] | None = None) -> int:
     from .distributed import shutdown_distributed
-    from .inference import (check_same_tokenizer, checkpoint_run_config, load_checkpoint_model, resolve_checkpoint,
-                            training_data)
+    from .inference import (PRECISIONS, check_same_tokenizer, checkpoint_run_config, load_checkpoint_model,
+                            precision_context, resolve_checkpoint, resolve_precision, training_data)
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoints dir (newest complete) or one step dir")
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="fp32, tf32 (GPU) or bf16 autocast; auto: tf32 on a GPU, fp32 on a CPU")
     parser.add_argument("--output", default="", help="write the result JSON here")
     args = parser.parse_args(argv)
     if args.time_samples < 2:
@@ -220,21 +222,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.output and not Path(args.output).resolve().parent.is_dir():
             raise FileNotFoundError(f"--output {args.output}: its folder does not exist")
         rank, world, device = _launched_ranks(args.device)
+        precision = resolve_precision(args.precision, device, cuda_default="tf32")
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     if rank == 0:
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
     loaded = load_checkpoint_model(ckpt, use_ema=not args.no_ema, device=device)
-    result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
-                                 args.max_batches, args.seed, rank=rank, world_size=world, device=device,
-                                 discrete_steps=args.discrete_steps)
+    with precision_context(precision, device):
+        result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
+                                     args.max_batches, args.seed, rank=rank, world_size=world, device=device,
+                                     discrete_steps=args.discrete_steps)
     if rank == 0:
         result.update(unigram_perplexity(data, args.split,
                                          max_eval_samples=args.max_batches * args.batch_size * world))
         result["conventions"] = conventions(manifest, loaded.model.cfg.objective)
         result["checkpoint"] = str(loaded.path)
         result["ranks"] = world
+        result["precision"] = precision
         result["warnings"] = warnings
         text = json.dumps(result, indent=2)
         print(text)

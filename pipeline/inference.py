@@ -1,6 +1,7 @@
 """Load a trained model from a DeepSpeed checkpoint for evaluation and sampling, no engine needed."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,34 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     return device
+
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def resolve_precision(name: str, device: torch.device, cuda_default: str) -> str:
+    """--precision: fp32 (IEEE matmuls), tf32 (fp32 with TF32 tensor-core matmuls, CUDA only) or
+    bf16 (autocast, as in training); auto is `cuda_default` on a GPU and fp32 on a CPU."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r}: use one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return cuda_default if device.type == "cuda" else "fp32"
+    if name == "tf32" and device.type != "cuda":
+        raise ValueError("--precision tf32 needs a CUDA GPU (TF32 is a tensor-core format): use fp32 or bf16")
+    return name
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """Runs the block with `precision` (see resolve_precision), restoring the TF32 switches after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def holds_weights(module_state: dict | None) -> bool:

@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-# the choices of model.sampling.SAMPLERS (a test keeps them equal): argument errors are reported
-# without importing torch
+# the choices of model.sampling.SAMPLERS and inference.PRECISIONS (a test keeps them equal):
+# argument errors are reported without importing torch
 SAMPLERS = ("ancestral", "cached", "semi-ar", "confidence")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 MASK_MARK = "[MASK]"
 
 
@@ -50,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--no-cache", action="store_true", help="same as --sampler ancestral")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="fp32, tf32 (GPU) or bf16 autocast; auto: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default; 1 is fastest on busy cores)")
     p.add_argument("--judge", default="", help="AR checkpoint (or Hugging Face directory) for gen-PPL")
     p.add_argument("--stop-at-eos", action="store_true",
@@ -140,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from .inference import checkpoint_run_config, resolve_checkpoint, resolve_device, training_data
+    from .inference import (checkpoint_run_config, precision_context, resolve_checkpoint, resolve_device,
+                            resolve_precision, training_data)
 
     try:
         args.device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, args.device, cuda_default="bf16")
         ckpt = resolve_checkpoint(args.checkpoint)
         config = checkpoint_run_config(ckpt)
         manifest, tokenizer_file = training_data(ckpt, args.data or config["data"]["path"])
@@ -223,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
     sync()
     start = time.perf_counter()
-    result = generate(model, args.num_samples, length, sampler=args.sampler, steps=args.steps,
-                      block_size=block_size if args.sampler == "semi-ar" else None, carry=carry,
-                      prompt=canvas, top_p=args.top_p, generator=gen, bos_id=bos_id, final=args.final,
-                      device=args.device, temperature=args.temperature)
+    with precision_context(precision, args.device):
+        result = generate(model, args.num_samples, length, sampler=args.sampler, steps=args.steps,
+                          block_size=block_size if args.sampler == "semi-ar" else None, carry=carry,
+                          prompt=canvas, top_p=args.top_p, generator=gen, bos_id=bos_id, final=args.final,
+                          device=args.device, temperature=args.temperature)
     sync()
     wall = time.perf_counter() - start
     tokens = result.tokens.cpu()
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
              "prompt_tokens": len(prompt), "suffix_tokens": len(suffix), "stop_at_eos": args.stop_at_eos,
              **result.stats(),
              "wall_s": wall, "tokens_per_s": args.num_samples * length / wall, "device": str(args.device),
-             **quality}
+             "precision": precision, **quality}
     stats["tokenizer"] = manifest["tokenizer"]
     _with(prefix, ".json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))

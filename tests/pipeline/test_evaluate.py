@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from model.config import model_config
@@ -70,3 +71,21 @@ def test_unigram_perplexity_matches_a_hand_count(markov_data, monkeypatch):
     capped = unigram_perplexity(markov_data)
     assert capped["unigram_train_tokens"] == 4 * 32  # ceil(100 / seq_len 32) samples
     assert math.isclose(capped["unigram_nll"], expected_nll(hand_counts("train", 4)), rel_tol=1e-12)
+
+
+def test_precision_context_sets_autocast_and_restores_tf32():
+    from pipeline.inference import precision_context, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, cuda_default="bf16") == "fp32"
+    assert resolve_precision("auto", torch.device("cuda"), cuda_default="tf32") == "tf32"
+    with pytest.raises(ValueError, match="tf32 needs a CUDA GPU"):
+        resolve_precision("tf32", cpu, cuda_default="tf32")
+    before = torch.backends.cuda.matmul.allow_tf32
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 8)
+    with precision_context("bf16", cpu):
+        assert (x @ w).dtype == torch.bfloat16
+    with precision_context("fp32", cpu):
+        assert (x @ w).dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32 == before

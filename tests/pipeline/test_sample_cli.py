@@ -144,9 +144,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def test_bad_arguments_fail_before_any_work(ckpts, tmp_path, monkeypatch, capsys):
     import model.sampling
     from pipeline import inference
-    from pipeline.sample import SAMPLERS, main
+    from pipeline.sample import PRECISIONS, SAMPLERS, main
 
-    assert SAMPLERS == model.sampling.SAMPLERS
+    assert SAMPLERS == model.sampling.SAMPLERS and PRECISIONS == inference.PRECISIONS
     missing = str(tmp_path / "nowhere")
     for args, message in ((["--steps", "0"], "--steps must be >= 1"),
                           (["--sampler", "turbo"], "invalid choice: 'turbo'")):
@@ -172,6 +172,7 @@ def test_bad_arguments_fail_before_any_work(ckpts, tmp_path, monkeypatch, capsys
              (ckpts["mdlm"], ["--judge", missing], "no complete checkpoint"),
              (ckpts["mdlm"], ["--judge", str(ckpts["mdlm"])], "the judge must be autoregressive"),
              (ckpts["mdlm"], ["--device", "gpu"], "--device 'gpu' is not a device"),
+             (ckpts["mdlm"], ["--device", "cpu", "--precision", "tf32"], "--precision tf32 needs a CUDA GPU"),
              (ckpts["mdlm"], ["--tokenizer", missing], "tokenizer file"))
     if not torch.cuda.is_available():
         cases += ((ckpts["mdlm"], ["--device", "cuda"], "no usable CUDA GPU"),)

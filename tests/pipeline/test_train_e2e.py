@@ -130,6 +130,13 @@ def test_evaluate_cli_reports_bound_with_error_and_conventions(runs, tmp_path):
     run_cli("-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"]), "--discrete-steps", "10",
             "--time-samples", "4", "--max-batches", "2", "--batch-size", "8", "--output", str(discrete))
     assert json.loads(discrete.read_text())["estimator"] == "discrete"
+    assert result["precision"] == "fp32"  # auto on a CPU
+    bf16 = tmp_path / "bf16.json"
+    run_cli("-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"] / "checkpoints"), "--precision", "bf16",
+            "--time-samples", "4", "--max-batches", "2", "--batch-size", "8", "--output", str(bf16))
+    autocast = json.loads(bf16.read_text())
+    assert autocast["precision"] == "bf16" and autocast["nelbo"] != result["nelbo"]
+    assert math.isclose(autocast["nelbo"], result["nelbo"], rel_tol=0.02)
 
 
 def test_evaluate_cli_refuses_bad_input_before_loading(runs, tmp_path, capsys):
@@ -139,7 +146,8 @@ def test_evaluate_cli_refuses_bad_input_before_loading(runs, tmp_path, capsys):
     for args, message in ((["--batch-size", "0"], "need a batch size >= 1"),
                           (["--split", "test"], "split 'test' not in"),
                           (["--output", str(tmp_path / "no" / "such" / "x.json")], "its folder does not exist"),
-                          (["--device", "xla"], "--device xla: use auto, cpu, cuda or cuda:N")):
+                          (["--device", "xla"], "--device xla: use auto, cpu, cuda or cuda:N"),
+                          (["--device", "cpu", "--precision", "tf32"], "--precision tf32 needs a CUDA GPU")):
         with pytest.raises(SystemExit) as info:
             main(["--checkpoint", ckpt, *args])
         assert info.value.code == 2 and message in capsys.readouterr().err, args
