@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,29 @@ def read_shard(url: str) -> list[dict]:
             item["mask"] = np.load(io.BytesIO(sample["mask.npy"]))
         out.append(item)
     return out
+
+
+class ShardRead:
+    """read_shard(url) in a daemon thread: a process that is done (a finished run, a checkpoint
+    after SIGTERM, an evaluation that stops early) exits without waiting for it."""
+
+    def __init__(self, url: str):
+        self._samples: list[dict] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, args=(url,), name="shard-prefetch", daemon=True)
+        self._thread.start()
+
+    def _read(self, url: str) -> None:
+        try:
+            self._samples = read_shard(url)
+        except BaseException as err:  # raised where the samples are needed, in the training thread
+            self._error = err
+
+    def result(self) -> list[dict]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._samples
 
 
 @dataclass
@@ -99,36 +123,30 @@ class ShardStream:
         return None
 
     def __iter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
         # the next shard is read and decoded in a background thread while this one is consumed:
         # the training loop never waits on storage at a shard boundary (the order is unchanged)
-        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
-        pending: tuple[int, object] | None = None
+        pending: tuple[int, ShardRead] | None = None
         pos = self.position
-        try:
-            while True:
-                plan, interleaved = self._epoch_plan(pos.epoch)
-                while pos.shard_cursor < len(plan):
-                    shard_index = plan[pos.shard_cursor]
-                    shard = self.shards[shard_index]
-                    if pending is not None and pending[0] == shard_index:
-                        samples = pending[1].result()
-                    else:
-                        samples = read_shard(str(self.data_dir / shard["name"]))
-                    upcoming = self._upcoming(pos.epoch, plan, pos.shard_cursor)
-                    pending = None
-                    if upcoming is not None and upcoming != shard_index:
-                        pending = (upcoming, reader.submit(read_shard, str(self.data_dir / self.shards[upcoming]["name"])))
-                    yield from self._shard_samples(pos, shard, shard_index, samples, interleaved)
-                    pos.shard_cursor += 1
-                    pos.sample_cursor = 0
-                if not self.loop:
-                    return
-                pos.epoch += 1
-                pos.shard_cursor = 0
-        finally:
-            reader.shutdown(wait=False, cancel_futures=True)
+        while True:
+            plan, interleaved = self._epoch_plan(pos.epoch)
+            while pos.shard_cursor < len(plan):
+                shard_index = plan[pos.shard_cursor]
+                shard = self.shards[shard_index]
+                if pending is not None and pending[0] == shard_index:
+                    samples = pending[1].result()
+                else:
+                    samples = read_shard(str(self.data_dir / shard["name"]))
+                upcoming = self._upcoming(pos.epoch, plan, pos.shard_cursor)
+                pending = None
+                if upcoming is not None and upcoming != shard_index:
+                    pending = (upcoming, ShardRead(str(self.data_dir / self.shards[upcoming]["name"])))
+                yield from self._shard_samples(pos, shard, shard_index, samples, interleaved)
+                pos.shard_cursor += 1
+                pos.sample_cursor = 0
+            if not self.loop:
+                return
+            pos.epoch += 1
+            pos.shard_cursor = 0
 
     def _shard_samples(self, pos: StreamPosition, shard: dict, shard_index: int, samples: list[dict],
                        interleaved: bool):

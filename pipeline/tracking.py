@@ -1,7 +1,9 @@
 """MLflow tracking from global rank 0 that never stalls or kills training.
 
 Calls go through a background thread in order; when the tracking server is unreachable they are
-kept and retried with backoff, so a server outage delays metrics instead of losing them.
+kept and retried with backoff, so a server outage delays metrics instead of losing them. A call
+that keeps failing while the server answers (an artifact store this node cannot write, a rejected
+value) is dropped with a warning after a few tries, so it cannot hold back the calls behind it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
                  artifact_dir: str | Path | None = None, max_pending: int = 100_000,
                  retry_wait_s: float = 2.0, max_wait_s: float = 60.0, system_metrics: bool = False,
-                 system_metrics_interval_s: float = 10.0):
+                 system_metrics_interval_s: float = 10.0, start_step: int = 0, max_tries: int = 3):
         # MLflow's own HTTP retries would block for minutes per call during an outage; this
         # class retries itself, off the training thread.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -49,12 +51,14 @@ class Tracker:
         self.retry_wait_s, self.max_wait_s = retry_wait_s, max_wait_s
         self.failures = 0      # calls that failed at least once
         self.dropped = 0       # calls dropped because the queue overflowed
+        self.rejected = 0      # calls dropped after max_tries failures while the server answered
+        self.max_tries = max_tries
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
         self._worker = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
         self._worker.start()
-        self.last_step = 0
+        self.last_step = start_step  # a resumed run's system metrics go on at its step, not at 0
         self.system = SystemMetrics(self, system_metrics_interval_s) if system_metrics else None
 
     # ---- background delivery -------------------------------------------------------------
@@ -68,8 +72,16 @@ class Tracker:
             self._queue.append((what, fn, args, kwargs))
             self._cond.notify()
 
+    def _server_answers(self) -> bool:
+        try:
+            self.client.get_run(self.run_id)
+            return True
+        except Exception:
+            return False
+
     def _drain(self) -> None:
         wait = self.retry_wait_s
+        tries = 0  # failures of the call at the head while the server answered
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -79,17 +91,29 @@ class Tracker:
                 what, fn, args, kwargs = self._queue[0]
             try:
                 fn(*args, **kwargs)
-            except Exception as err:  # the server is down or slow: keep the call, retry later
+            except Exception as err:
                 self.failures += 1
-                log.warning("MLflow %s failed (%s); retrying in %.0fs, training continues", what,
-                            str(err).splitlines()[0][:200], wait)
+                reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+                if self._server_answers():
+                    tries += 1
+                    if tries >= self.max_tries:  # the call itself fails, not the server: let the rest through
+                        self.rejected += 1
+                        log.warning("MLflow %s failed %d times while %s answers (%s): dropped; later tracking "
+                                    "calls go on", what, tries, self.uri, reason)
+                        tries, wait = 0, self.retry_wait_s
+                        with self._cond:
+                            self._queue.popleft()
+                            self._cond.notify_all()
+                        continue
+                # the server is down or slow, or the call may succeed on a retry: keep it
+                log.warning("MLflow %s failed (%s); retrying in %.0fs, training continues", what, reason, wait)
                 with self._cond:
                     if self._closing and self._deadline is not None and time.time() > self._deadline:
                         return
                 time.sleep(wait)
                 wait = min(wait * 2, self.max_wait_s)
                 continue
-            wait = self.retry_wait_s
+            wait, tries = self.retry_wait_s, 0
             with self._cond:
                 self._queue.popleft()
                 self._cond.notify_all()
@@ -148,7 +172,7 @@ class Tracker:
             self.mlflow.end_run(status=status)
         except Exception as err:
             log.warning("MLflow end_run failed (%s)", err)
-        return delivered and self.dropped == 0
+        return delivered and self.dropped == 0 and self.rejected == 0
 
 
 class SystemMetrics:

@@ -46,11 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # raised before any training step: precision, shapes, batch sizes
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except BaseException as err:  # the MLflow run says so, instead of FINISHED or RUNNING forever
+        trainer.end_tracking("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     if trainer.rank == 0:
         print("TRAIN_SUMMARY " + json.dumps(summary))
-    trainer.close()
-    code = cfg.train.exit_code_on_signal if summary.get("stopped_by_signal") else 0
+    stopped = bool(summary.get("stopped_by_signal"))
+    trainer.close(status="KILLED" if stopped else None)
+    code = cfg.train.exit_code_on_signal if stopped else 0
     if trainer.world > 1:
         # everything is written and the process groups are gone; the interpreter's teardown of
         # third-party C++ state has still, now and then, aborted a rank ("terminate called without

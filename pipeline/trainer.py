@@ -284,11 +284,20 @@ class Trainer:
                               "use train.precision=bf16 or fp32")
         return MegatronTPLayers(use_te=use_te)
 
-    def close(self) -> None:
-        """Deliver what MLflow still has queued (a run stopped by a signal skips finish()), then
-        leave the process groups (megatron-core's, then torch's) together with every rank."""
+    def end_tracking(self, status: str, timeout_s: float = 30.0) -> None:
+        """Rank 0: deliver what MLflow has queued and close its run as `status` (FINISHED,
+        KILLED after a stop signal, FAILED after an error; a resume reopens it as RUNNING)."""
+        if self.tracker is not None and not self.tracker.closed:
+            self.tracker.end(status, timeout_s=timeout_s)
+
+    def close(self, status: str | None = None) -> None:
+        """Deliver what MLflow still has queued (a run stopped by a signal skips finish()) and end
+        its run as `status` if given, then leave the process groups (megatron-core's, then
+        torch's) together with every rank."""
         from .distributed import shutdown_distributed
 
+        if status:
+            self.end_tracking(status, timeout_s=60.0)
         if self.tracker is not None and not self.tracker.closed and not self.tracker.flush(60.0):
             log.warning("MLflow: tracking calls still queued at exit were not delivered to %s", self.tracker.uri)
         if self.tp > 1:
@@ -320,7 +329,8 @@ class Trainer:
         try:
             artifacts = self.run_dir / "mlartifacts" if uri.startswith("sqlite:") else None
             tracker = Tracker(uri, tc.experiment, tc.run_name, run_id=self.mlflow_run_id, artifact_dir=artifacts,
-                              system_metrics=tc.system_metrics, system_metrics_interval_s=tc.system_metrics_interval_s)
+                              system_metrics=tc.system_metrics, system_metrics_interval_s=tc.system_metrics_interval_s,
+                              start_step=self.step)
         except Exception as err:
             log.warning("MLflow tracking unavailable at %s (%s): continuing without it", uri, err)
             return None

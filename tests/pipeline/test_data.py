@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import time
 
 import pytest
 
 from pipeline.data import ShardStream, batches
+
+from .conftest import ROOT
 
 
 def keys(stream, n):
@@ -100,3 +105,25 @@ def test_the_next_shard_is_read_in_the_background_in_the_same_order(markov_data,
     keys = [first["key"]] + [s["key"] for s in itertools.islice(stream, 199)]
     assert keys == plain  # prefetching changes nothing in what a rank sees
     assert all(background for _, background in reads[1:])
+
+
+def test_a_pending_shard_read_does_not_hold_up_process_exit(markov_data):
+    """The prefetch of the next shard runs in a daemon thread: a process that is done (after a
+    SIGTERM checkpoint, say) exits at once, even while a read hangs on slow storage."""
+    code = f"""
+import sys, threading, time
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline import data
+real = data.read_shard
+def read(url):
+    if threading.current_thread().name == "shard-prefetch":
+        time.sleep(60)
+    return real(url)
+data.read_shard = read
+next(data.batches(data.ShardStream({str(markov_data)!r}, "train"), 4))
+print("done", flush=True)
+"""
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert time.time() - start < 30

@@ -67,7 +67,8 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run_and_sees_each_sample_o
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(markov_data, tmp_path):
     """...with status 0 by default (train.exit_code_on_signal; the Kubernetes manifest's 143 is
     tested through torchrun in tests/cluster/test_multinode_local.py)."""
-    proc = start_training(tmp_path, markov_data, *FAST, "train.max_steps=100000", "train.checkpoint_every=0")
+    proc = start_training(tmp_path, markov_data, *FAST, "train.max_steps=100000", "train.checkpoint_every=0",
+                          "tracking.enabled=true")
     wait_for_line(proc, "step 3/")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -77,6 +78,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(markov_data, tmp_path):
     assert len(tags) == 1 and (tmp_path / "checkpoints" / tags[0] / "COMPLETE").is_file()
     assert (tmp_path / "checkpoints" / "latest").read_text() == tags[0]
     assert '"stopped_by_signal": true' in out
+    assert mlflow_run(tmp_path).info.status == "KILLED"  # until a resume reopens it
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(markov_data, tmp_path):
@@ -135,6 +137,17 @@ def test_non_finite_steps_are_skipped_then_abort_after_k_in_a_row(markov_data, t
     assert text.count("update skipped") == 2
     assert "TRAIN_SUMMARY" in text
     bad = run_single(tmp_path / "b", markov_data, *FAST, "train.max_steps=20", "train.max_bad_steps=3",
-                     env_extra={"MDLM_INJECT_NAN_STEPS": "4,5,6,7"}, check=False)
+                     "tracking.enabled=true", env_extra={"MDLM_INJECT_NAN_STEPS": "4,5,6,7"}, check=False)
     assert bad.returncode != 0
     assert "not finite for 3 steps in a row (last: step 6)" in bad.stderr
+    run = mlflow_run(tmp_path / "b")  # a crashed run says so in MLflow, with the metrics it logged
+    assert run.info.status == "FAILED" and run.data.metrics["train/skipped_steps"] == 2
+
+
+def mlflow_run(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    runs = client.search_runs(client.get_experiment_by_name("mdlm-pretrain").experiment_id)
+    assert len(runs) == 1
+    return runs[0]

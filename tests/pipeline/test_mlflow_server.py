@@ -137,3 +137,30 @@ def test_system_sampler_reports_cpu_and_memory_through_the_tracker_queue():
     assert 0.0 <= metrics["system/cpu_utilization_percentage"] <= 100.0
     assert 0.0 < metrics["system/system_memory_usage_percentage"] < 100.0
     assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_a_call_that_keeps_failing_while_the_store_answers_is_dropped_not_retried_forever(tmp_path):
+    """An artifact store this node cannot write (missing credentials, a wrong root) must not hold
+    back every metric queued behind the run's first artifact."""
+    import mlflow
+
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    (tmp_path / "blocker").write_text("a file where the artifact folder should be")
+    MlflowClient(uri).create_experiment("exp", artifact_location=(tmp_path / "blocker" / "artifacts").as_uri())
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    tracker = Tracker(uri, "exp", retry_wait_s=0.05, max_wait_s=0.1, start_step=40)
+    assert tracker.last_step == 40  # a resumed run's system metrics go on at its step
+    try:
+        tracker.log_artifact(tmp_path / "config.yaml")
+        for step in range(41, 51):
+            tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        assert tracker.flush(60)
+        assert tracker.rejected == 1 and tracker.failures == tracker.max_tries == 3
+    finally:
+        delivered = tracker.end(timeout_s=30)
+        mlflow.set_tracking_uri(None)  # it also set MLFLOW_TRACKING_URI, which later tests' trainings would inherit
+    assert not delivered  # end() reports that a call was lost
+    history = MlflowClient(uri).get_metric_history(tracker.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(41, 51))
