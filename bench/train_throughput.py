@@ -171,6 +171,12 @@ def measure(args, mode: str, device) -> dict:
         if engine is not None:  # DeepSpeed's hooks keep an engine (weights, optimizer) alive otherwise
             engine.destroy()
         del model, step, engine
+        if "transformer_engine.pytorch" in sys.modules:  # its global amax buffers hold this mode's modules
+            try:
+                from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+            except ImportError:  # TE < 2.9
+                from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+            FP8GlobalStateManager.reset()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -178,6 +178,10 @@ class RunConfig:
                               "checkpoint recomputes the blocks outside TE's fp8_autocast, so their backward "
                               "would not be FP8; use fp8.backend=torchao or turn activation checkpointing off")
         tp = self.parallel.tensor
+        if tp > 1 and self.train.precision == "fp8" and self.fp8.keep_first_last_block_bf16:
+            raise ConfigError("fp8.keep_first_last_block_bf16 applies with parallel.tensor=1 only: megatron-core's "
+                              "Transformer Engine layers run every block in FP8; drop the setting or use "
+                              "parallel.tensor=1")
         if tp > 1:
             m = self.model
             if m.n_heads % tp or (m.mlp_ratio * m.d_model) % tp:

@@ -100,7 +100,9 @@ def precision_context(precision: str, device: torch.device):
 def holds_weights(module_state: dict | None) -> bool:
     """False for ZeRO-3 model states: their tensors are empty placeholders (the weights live in
     the optimizer partitions)."""
-    return bool(module_state) and any(t.numel() for t in module_state.values() if torch.is_tensor(t))
+    # Transformer Engine's _extra_state (its FP8 scaling state) is a non-empty tensor even there
+    return bool(module_state) and any(t.numel() for t in strip_extra_state(module_state).values()
+                                      if torch.is_tensor(t))
 
 
 def load_checkpoint_model(path: str | Path, use_ema: bool = True, device="cpu") -> LoadedModel:

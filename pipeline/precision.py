@@ -28,8 +28,9 @@ class FP8Config:
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     # TE delayed scaling: all-reduce the amaxes over every rank each step, so the scales agree
     # across data-parallel replicas (and tensor-parallel shards); false keeps them per rank (a
-    # resume then restores DP rank 0's scaling state on every rank). The other recipes scale
-    # from the current tensor and have nothing to reduce.
+    # resume then restores the scaling state saved with the weights: DP rank 0's on every rank,
+    # or each rank's own under ZeRO-3). The other recipes scale from the current tensor and have
+    # nothing to reduce.
     reduce_amax: bool = True
     keep_first_last_block_bf16: bool = False
 
@@ -61,7 +62,7 @@ def backend_available(backend: str) -> tuple[bool, str]:
 
 
 def check_fp8(fp8: FP8Config, d_model: int, mlp_ratio: int, tokens_per_micro_batch: int,
-              device: torch.device) -> None:
+              device: torch.device, tensor_parallel: int = 1) -> None:
     """Raise ConfigError naming the first precondition that fails."""
     if device.type != "cuda":
         raise ConfigError("train.precision=fp8 needs an NVIDIA GPU with compute capability >= 8.9 "
@@ -70,7 +71,7 @@ def check_fp8(fp8: FP8Config, d_model: int, mlp_ratio: int, tokens_per_micro_bat
     if cap < (8, 9):
         raise ConfigError(f"train.precision=fp8 needs compute capability >= 8.9; "
                           f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use bf16")
-    check_fp8_shapes(d_model, mlp_ratio, tokens_per_micro_batch)
+    check_fp8_shapes(d_model, mlp_ratio, tokens_per_micro_batch, tensor_parallel)
     ok, reason = backend_available(fp8.backend)
     if not ok:
         raise ConfigError(f"fp8.backend={fp8.backend}: {reason}")
@@ -85,11 +86,15 @@ def check_fp8(fp8: FP8Config, d_model: int, mlp_ratio: int, tokens_per_micro_bat
                               f"fp8.recipe=delayed")
 
 
-def check_fp8_shapes(d_model: int, mlp_ratio: int, tokens_per_micro_batch: int) -> None:
-    for name, value in (("model.d_model", d_model), ("MLP width", d_model * mlp_ratio),
+def check_fp8_shapes(d_model: int, mlp_ratio: int, tokens_per_micro_batch: int, tensor_parallel: int = 1) -> None:
+    """Every FP8 matmul operand's dimensions are multiples of 16; under tensor parallelism the
+    projections see d_model / TP and MLP width / TP on each rank."""
+    tp = f" / parallel.tensor {tensor_parallel}" if tensor_parallel > 1 else ""
+    for name, value in ((f"model.d_model{tp}", d_model / tensor_parallel),
+                        (f"MLP width{tp}", d_model * mlp_ratio / tensor_parallel),
                         ("micro_batch_size x seq_len", tokens_per_micro_batch)):
         if value % 16:
-            raise ConfigError(f"fp8 matmuls need {name} divisible by 16 (got {value})")
+            raise ConfigError(f"fp8 matmuls need {name} divisible by 16 (got {value:g})")
 
 
 def fp8_linear_names(model: nn.Module, keep_first_last_block_bf16: bool = False) -> list[str]:
@@ -146,4 +151,7 @@ def te_autocast(fp8: FP8Config, group=None):
     from transformer_engine.common import recipe
 
     name, kwargs = te_recipe_spec(fp8)
-    return te.fp8_autocast(enabled=True, fp8_recipe=getattr(recipe, name)(**kwargs), fp8_group=group)
+    scaling = getattr(recipe, name)(**kwargs)
+    if hasattr(te, "autocast"):  # TE >= 2.9; fp8_autocast is deprecated there
+        return te.autocast(enabled=True, recipe=scaling, amax_reduction_group=group)
+    return te.fp8_autocast(enabled=True, fp8_recipe=scaling, fp8_group=group)

@@ -160,6 +160,15 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
     return engine, scheduler
 
 
+def te_linear_layout(config: dict) -> tuple[bool, bool]:
+    """Which block projections of a run config are Transformer Engine modules, whose state
+    includes an _extra_state entry: none, all, or all but the first and last block's. A resume
+    loads strictly only between equal layouts."""
+    fp8 = config.get("fp8", {})
+    te = config.get("train", {}).get("precision") == "fp8" and fp8.get("backend") == "te"
+    return te, te and bool(fp8.get("keep_first_last_block_bf16", False))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None):
         self.cfg = cfg
@@ -202,7 +211,7 @@ class Trainer:
         t = cfg.train
         if t.precision == "fp8":
             check_fp8(cfg.fp8, cfg.model.d_model, cfg.model.mlp_ratio,
-                      cfg.data.micro_batch_size * self.seq_len, self.device)
+                      cfg.data.micro_batch_size * self.seq_len, self.device, self.tp)
             if cfg.fp8.backend == "torchao" and not t.compile and self.rank == 0:
                 log.warning("fp8.backend=torchao without train.compile: its scaling and casts then run as "
                             "separate kernels, which can make FP8 slower than bf16; set train.compile=true")
@@ -392,10 +401,7 @@ class Trainer:
                               f"{'; '.join(fixed)}. Resume with the checkpoint's settings, or start a new run_dir")
         if changed and self.rank == 0:
             log.warning("resuming %s with settings that differ from the checkpoint's: %s", tag_dir, "; ".join(changed))
-
-        def te(config: dict) -> bool:
-            return config.get("train", {}).get("precision") == "fp8" and config.get("fp8", {}).get("backend") == "te"
-        return te(saved) == te(to_dict(self.cfg))
+        return te_linear_layout(saved) == te_linear_layout(to_dict(self.cfg))
 
     def _restore(self, state: dict | None) -> None:
         if not state:

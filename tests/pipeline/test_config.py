@@ -40,6 +40,8 @@ def test_yaml_plus_dotted_overrides(markov_data):
     ("train.grad_precision=fp16", "train.grad_precision: 'fp16' is not one of 'fp32', 'bf16'"),
     ("train.precision=fp8 fp8.backend=te train.activation_checkpointing=true",
      "train.activation_checkpointing with fp8.backend=te is not supported"),
+    ("train.precision=fp8 fp8.backend=te fp8.keep_first_last_block_bf16=true parallel.tensor=2",
+     "fp8.keep_first_last_block_bf16 applies with parallel.tensor=1 only"),
 ])
 def test_bad_keys_and_types_fail_naming_the_key(markov_data, override, message):
     with pytest.raises(ConfigError) as err:

@@ -89,3 +89,14 @@ def test_precision_context_sets_autocast_and_restores_tf32():
     with precision_context("fp32", cpu):
         assert (x @ w).dtype == torch.float32
     assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_zero3_placeholders_hold_no_weights_even_with_transformer_engine_state():
+    """ZeRO-3 model files keep empty placeholders; TE's _extra_state is a non-empty byte tensor
+    there, which must not make them look like raw weights."""
+    from pipeline.inference import holds_weights
+
+    placeholders = {"blocks.0.attn_qkv.weight": torch.empty(0), "blocks.0.attn_qkv._extra_state": torch.zeros(300, dtype=torch.uint8)}
+    assert not holds_weights(placeholders)
+    assert holds_weights({**placeholders, "blocks.0.attn_qkv.weight": torch.ones(4, 4)})
+    assert not holds_weights({}) and not holds_weights(None)

@@ -1,6 +1,8 @@
 """FP8 preconditions, layer selection and checkpoint interchange (torchao runs emulated on CPU)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -32,10 +34,14 @@ def test_fp8_on_a_cpu_box_fails_fast_and_says_why():
         check_fp8(FP8Config(), 128, 4, 4096, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("d_model, tokens, name", [(120, 4096, "model.d_model"), (128, 4100, "micro_batch_size x seq_len")])
-def test_shapes_must_be_multiples_of_16(d_model, tokens, name):
+@pytest.mark.parametrize("d_model, tokens, tp, name", [
+    (120, 4096, 1, "model.d_model"), (128, 4100, 1, "micro_batch_size x seq_len"),
+    # each tensor-parallel rank multiplies by its shard: 1200 / 2 = 600 is no multiple of 16
+    (1200, 4096, 2, "model.d_model / parallel.tensor 2")])
+def test_shapes_must_be_multiples_of_16(d_model, tokens, tp, name):
     with pytest.raises(ConfigError, match=f"fp8 matmuls need {name} divisible by 16"):
-        check_fp8_shapes(d_model, 4, tokens)
+        check_fp8_shapes(d_model, 4, tokens, tp)
+    check_fp8_shapes(1024, 4, 4096, 4)  # 256 and 1024 wide per rank
 
 
 def test_recipe_must_match_backend():
@@ -102,3 +108,59 @@ def test_train_cli_rejects_fp8_on_cpu_before_training(markov_data, tmp_path):
     assert out.returncode == 2
     assert "config error: train.precision=fp8 needs an NVIDIA GPU" in out.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+class _FakeRecipes:
+    class DelayedScaling:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+
+def _fake_te(monkeypatch, with_autocast: bool) -> list:
+    """A stand-in for the transformer_engine package (not importable without a GPU driver) that
+    records how te_autocast calls it."""
+    import types
+
+    calls = []
+    te = types.ModuleType("transformer_engine.pytorch")
+    if with_autocast:
+        te.autocast = lambda **kwargs: calls.append(("autocast", kwargs)) or "ctx"
+    te.fp8_autocast = lambda **kwargs: calls.append(("fp8_autocast", kwargs)) or "ctx"
+    common = types.ModuleType("transformer_engine.common")
+    common.recipe = _FakeRecipes
+    package = types.ModuleType("transformer_engine")
+    package.pytorch, package.common = te, common
+    for name, module in (("transformer_engine", package), ("transformer_engine.pytorch", te),
+                         ("transformer_engine.common", common), ("transformer_engine.common.recipe", _FakeRecipes)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+@pytest.mark.parametrize("with_autocast", [True, False])
+def test_te_autocast_uses_the_current_api_and_falls_back_to_fp8_autocast(monkeypatch, with_autocast):
+    from pipeline.precision import te_autocast
+
+    calls = _fake_te(monkeypatch, with_autocast)
+    group = object()
+    assert te_autocast(FP8Config(backend="te", amax_history_len=8), group) == "ctx"
+    (name, kwargs), = calls
+    scaling = kwargs.pop("recipe" if with_autocast else "fp8_recipe")
+    assert scaling.kwargs == {"amax_history_len": 8, "amax_compute_algo": "max", "reduce_amax": True}
+    if with_autocast:  # TE >= 2.9 deprecates fp8_autocast
+        assert name == "autocast" and kwargs == {"enabled": True, "amax_reduction_group": group}
+    else:
+        assert name == "fp8_autocast" and kwargs == {"enabled": True, "fp8_group": group}
+
+
+def test_a_resume_loads_strictly_only_between_equal_te_layouts():
+    from pipeline.trainer import te_linear_layout
+
+    def config(precision="bf16", backend="torchao", keep=False):
+        return {"train": {"precision": precision}, "fp8": {"backend": backend, "keep_first_last_block_bf16": keep}}
+
+    assert te_linear_layout(config()) == te_linear_layout(config("fp8")) == (False, False)
+    assert te_linear_layout(config("fp8", "torchao", keep=True)) == (False, False)  # torchao adds no state keys
+    assert te_linear_layout(config("fp8", "te")) == (True, False)
+    # the first and last block switch between te.Linear and nn.Linear: their _extra_state keys come and go
+    assert te_linear_layout(config("fp8", "te", keep=True)) != te_linear_layout(config("fp8", "te"))
+    assert te_linear_layout({}) == (False, False)  # checkpoints from before these settings
