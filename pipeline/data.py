@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+
+log = logging.getLogger(__name__)
 
 
 def load_manifest(data_dir: str | Path) -> dict:
@@ -48,18 +52,18 @@ def read_shard(url: str) -> list[dict]:
 
 
 class ShardRead:
-    """read_shard(url) in a daemon thread: a process that is done (a finished run, a checkpoint
+    """read(*args) in a daemon thread: a process that is done (a finished run, a checkpoint
     after SIGTERM, an evaluation that stops early) exits without waiting for it."""
 
-    def __init__(self, url: str):
+    def __init__(self, read, *args):
         self._samples: list[dict] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._read, args=(url,), name="shard-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._read, args=(read, *args), name="shard-prefetch", daemon=True)
         self._thread.start()
 
-    def _read(self, url: str) -> None:
+    def _read(self, read, *args) -> None:
         try:
-            self._samples = read_shard(url)
+            self._samples = read(*args)
         except BaseException as err:  # raised where the samples are needed, in the training thread
             self._error = err
 
@@ -80,6 +84,9 @@ class StreamPosition:
 
 class ShardStream:
     """An endless (or single-pass) stream of samples for one data-parallel rank."""
+
+    read_tries = 3          # a shard read that fails (a network file system's hiccup) is retried
+    read_retry_wait_s = 2.0
 
     def __init__(self, data_dir: str | Path, split: str, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, loop: bool = True, split_by: str = "shard"):
@@ -135,11 +142,11 @@ class ShardStream:
                 if pending is not None and pending[0] == shard_index:
                     samples = pending[1].result()
                 else:
-                    samples = read_shard(str(self.data_dir / shard["name"]))
+                    samples = self._read(shard)
                 upcoming = self._upcoming(pos.epoch, plan, pos.shard_cursor)
                 pending = None
                 if upcoming is not None and upcoming != shard_index:
-                    pending = (upcoming, ShardRead(str(self.data_dir / self.shards[upcoming]["name"])))
+                    pending = (upcoming, ShardRead(self._read, self.shards[upcoming]))
                 yield from self._shard_samples(pos, shard, shard_index, samples, interleaved)
                 pos.shard_cursor += 1
                 pos.sample_cursor = 0
@@ -148,11 +155,37 @@ class ShardStream:
             pos.epoch += 1
             pos.shard_cursor = 0
 
-    def _shard_samples(self, pos: StreamPosition, shard: dict, shard_index: int, samples: list[dict],
-                       interleaved: bool):
+    def _read(self, shard: dict) -> list[dict]:
+        """The shard's samples, read with retries, checked against the manifest: count, length,
+        token ids inside the tokenizer's vocabulary (a bad id would otherwise surface as an
+        opaque device-side assert in the embedding)."""
+        url = str(self.data_dir / shard["name"])
+        verify = f"run `python -m data_prep verify {self.data_dir}`"
+        for attempt in range(1, self.read_tries + 1):
+            try:
+                samples = read_shard(url)
+                break
+            except Exception as err:
+                reason = f"{type(err).__name__}: {err}"
+                if attempt == self.read_tries:
+                    raise OSError(f"{url} could not be read ({reason}), {self.read_tries} tries; if the storage "
+                                  f"is reachable the shard is damaged: {verify}") from err
+                log.warning("reading %s failed (%s); retrying", url, reason)
+                time.sleep(self.read_retry_wait_s * attempt)
         if len(samples) != shard["samples"]:
             raise ValueError(f"{shard['name']}: {len(samples)} samples but the manifest says "
-                             f"{shard['samples']}; run `python -m data_prep verify {self.data_dir}`")
+                             f"{shard['samples']}; {verify}")
+        seq_len, vocab = int(self.manifest["seq_len"]), int(self.manifest["tokenizer"]["vocab_size"])
+        for sample in samples:
+            tokens = sample["tokens"]
+            if tokens.shape != (seq_len,) or (tokens.size and int(tokens.max()) >= vocab):
+                raise ValueError(f"{shard['name']}: sample {sample['key']} has shape {tokens.shape} and largest "
+                                 f"token id {int(tokens.max()) if tokens.size else None}, but the manifest says "
+                                 f"{seq_len} tokens with ids below {vocab}; {verify}")
+        return samples
+
+    def _shard_samples(self, pos: StreamPosition, shard: dict, shard_index: int, samples: list[dict],
+                       interleaved: bool):
         order = self._sample_order(pos.epoch, shard_index, len(samples), interleaved)
         while pos.sample_cursor < len(order):
             sample = samples[order[pos.sample_cursor]]

@@ -35,14 +35,27 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = uri
         mlflow.set_tracking_uri(uri)
+        from mlflow.exceptions import MlflowException
+
+        self.run = None
         if run_id:
-            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
-        else:
+            try:
+                self.run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.warning("MLflow run %s of the checkpoint is not in %s (tracked elsewhere before?): "
+                            "this run continues in a new MLflow run", run_id, uri)
+        if self.run is None:
             # A new experiment on a local store keeps its artifacts next to the store, not in
             # ./mlruns of whatever directory the job happened to start in.
             if mlflow.get_experiment_by_name(experiment) is None:
                 location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
-                mlflow.create_experiment(experiment, artifact_location=location)
+                try:
+                    mlflow.create_experiment(experiment, artifact_location=location)
+                except MlflowException as err:  # another job created it in the meantime
+                    if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
             mlflow.set_experiment(experiment)
             self.run = mlflow.start_run(run_name=run_name or None, log_system_metrics=False)
         self.run_id = self.run.info.run_id

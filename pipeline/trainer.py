@@ -343,7 +343,7 @@ class Trainer:
         except Exception as err:
             log.warning("MLflow tracking unavailable at %s (%s): continuing without it", uri, err)
             return None
-        if self.mlflow_run_id is None:
+        if tracker.run_id != self.mlflow_run_id:  # a new MLflow run (a resume whose run is not in this store, too)
             tracker.log_params(flatten(to_dict(self.cfg)))
             tracker.log_params({"derived.n_params": self.n_params, "derived.world_size": self.world,
                                 "derived.grad_accum": self.grad_accum, "derived.seq_len": self.seq_len})

@@ -127,3 +127,45 @@ print("done", flush=True)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
     assert time.time() - start < 30
+
+
+def test_a_failed_shard_read_is_retried_then_reported_with_what_to_do(markov_data, monkeypatch, caplog):
+    from pipeline import data
+
+    real, failures = data.read_shard, {"left": 1}
+
+    def flaky(url):  # one network hiccup, then the storage answers again
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError("Stale file handle")
+        return real(url)
+
+    expected = keys(ShardStream(markov_data, "val", shuffle=False, loop=False), 64)
+    monkeypatch.setattr(data, "read_shard", flaky)
+    monkeypatch.setattr(ShardStream, "read_retry_wait_s", 0.0)
+    assert keys(ShardStream(markov_data, "val", shuffle=False, loop=False), 64) == expected
+    assert "Stale file handle); retrying" in caplog.text
+
+    def gone(url):
+        raise OSError("Input/output error")
+
+    monkeypatch.setattr(data, "read_shard", gone)
+    with pytest.raises(OSError, match=r"could not be read \(OSError: Input/output error\), 3 tries; .*data_prep verify"):
+        next(iter(ShardStream(markov_data, "val", shuffle=False, loop=False)))
+
+
+def test_token_ids_outside_the_vocabulary_are_caught_at_the_shard(markov_data, monkeypatch):
+    from pipeline import data
+
+    real = data.read_shard
+
+    def damaged(url):
+        samples = real(url)
+        samples[5]["tokens"] = samples[5]["tokens"].copy()
+        samples[5]["tokens"][3] = 16  # the markov tokenizer has ids 0..15
+        return samples
+
+    monkeypatch.setattr(data, "read_shard", damaged)
+    with pytest.raises(ValueError, match=r"sample \S+ has shape \(32,\) and largest token id 16, but the manifest "
+                                         r"says 32 tokens with ids below 16"):
+        next(iter(ShardStream(markov_data, "val", shuffle=False, loop=False)))

@@ -164,3 +164,23 @@ def test_a_call_that_keeps_failing_while_the_store_answers_is_dropped_not_retrie
     assert not delivered  # end() reports that a call was lost
     history = MlflowClient(uri).get_metric_history(tracker.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(41, 51))
+
+
+def test_a_resume_whose_mlflow_run_is_not_in_this_store_starts_a_new_run(tmp_path, caplog):
+    """A checkpoint carries its MLflow run id; resumed against another store (a server instead of
+    the run dir's sqlite, say) the run goes on tracked in a new MLflow run, not untracked."""
+    import mlflow
+
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    stale = "0123456789abcdef0123456789abcdef"
+    tracker = Tracker(uri, "exp", run_id=stale)
+    try:
+        tracker.log_metrics({"train/loss": 1.0}, 7)
+        assert tracker.flush(30)
+    finally:
+        tracker.end(timeout_s=30)
+        mlflow.set_tracking_uri(None)
+    assert tracker.run_id != stale and f"MLflow run {stale} of the checkpoint is not in" in caplog.text
+    assert [m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "train/loss")] == [7]
