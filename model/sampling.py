@@ -444,10 +444,12 @@ def _forward_cached(backbone, tokens: torch.Tensor, cache: _KVCache) -> torch.Te
 def ar_sample(model: AutoregressiveLM, num_samples: int, length: int, bos_id: int, *,
               generator: torch.Generator | None = None, top_p: float = 1.0, device=None,
               prompt: torch.Tensor | None = None, use_cache: bool = True,
-              temperature: float = 1.0) -> SampleResult:
+              temperature: float = 1.0, banned_ids: tuple[int, ...] = ()) -> SampleResult:
     """AR decoding after BOS (and the prompt, if any): length - 1 - P new tokens, one network
     call each. With `use_cache` (a DiT backbone), keys and values of the prefix are kept per block
-    and each call runs the new token only; otherwise every call reruns the whole prefix."""
+    and each call runs the new token only; otherwise every call reruns the whole prefix.
+    `banned_ids` are never drawn (the data's [MASK] id: the AR model shares MDLM's vocabulary
+    but never sees it)."""
     check_sampler_args(sampler="cached", num_samples=num_samples, length=length, top_p=top_p,
                        objective="ar", temperature=temperature)
     decoding = Decoding(top_p, temperature)
@@ -474,6 +476,8 @@ def ar_sample(model: AutoregressiveLM, num_samples: int, length: int, bos_id: in
             if not cached:
                 logits = model.backbone(x)[:, -1].float()
             counter.add(None)
+            if banned_ids:
+                logits[:, list(banned_ids)] = float("-inf")
             nxt = categorical(decoding.log_probs(logits.log_softmax(-1)), generator)[:, None]
             x = torch.cat([x, nxt], dim=1)
             if cached and j + 1 < new:
@@ -488,14 +492,15 @@ def generate(model, num_samples: int, length: int, *, sampler: str = "cached", s
              block_size: int | None = None, carry: int | None = None,
              prompt: torch.Tensor | None = None, top_p: float = 1.0,
              generator: torch.Generator | None = None, bos_id: int = 0, final: str = "sample",
-             device=None, temperature: float = 1.0) -> SampleResult:
+             device=None, temperature: float = 1.0, banned_ids: tuple[int, ...] = ()) -> SampleResult:
     """Sample with any of SAMPLERS (MDLM) or, for an AutoregressiveLM, KV-cached AR decoding from
     BOS (`sampler` and `steps` then do not apply; `sampler="ancestral"` turns the KV cache off)."""
     if isinstance(model, AutoregressiveLM):
         check_sampler_args(sampler=sampler, num_samples=num_samples, length=length, top_p=top_p,
                            objective="ar", temperature=temperature)
         return ar_sample(model, num_samples, length, bos_id, generator=generator, top_p=top_p,
-                         device=device, prompt=prompt, use_cache=sampler != "ancestral", temperature=temperature)
+                         device=device, prompt=prompt, use_cache=sampler != "ancestral", temperature=temperature,
+                         banned_ids=banned_ids)
     check_sampler_args(sampler=sampler, steps=steps, num_samples=num_samples, length=length,
                        block_size=block_size, carry=carry, top_p=top_p, final=final, temperature=temperature)
     common = {"generator": generator, "prompt": prompt, "top_p": top_p, "device": device, "final": final,

@@ -178,10 +178,10 @@ class ShardStream:
         seq_len, vocab = int(self.manifest["seq_len"]), int(self.manifest["tokenizer"]["vocab_size"])
         for sample in samples:
             tokens = sample["tokens"]
-            if tokens.shape != (seq_len,) or (tokens.size and int(tokens.max()) >= vocab):
-                raise ValueError(f"{shard['name']}: sample {sample['key']} has shape {tokens.shape} and largest "
-                                 f"token id {int(tokens.max()) if tokens.size else None}, but the manifest says "
-                                 f"{seq_len} tokens with ids below {vocab}; {verify}")
+            if tokens.shape != (seq_len,) or (tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab):
+                ids = f"ids {int(tokens.min())}..{int(tokens.max())}" if tokens.size else "no ids"
+                raise ValueError(f"{shard['name']}: sample {sample['key']} has shape {tokens.shape} and token "
+                                 f"{ids}, but the manifest says {seq_len} tokens with ids in 0..{vocab - 1}; {verify}")
         return samples
 
     def _shard_samples(self, pos: StreamPosition, shard: dict, shard_index: int, samples: list[dict],

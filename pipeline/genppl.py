@@ -189,8 +189,9 @@ def evaluate_samples(tokens: torch.Tensor, judge=None, texts: list[str] | None =
 
 def read_samples(path: str | Path) -> tuple[dict, torch.Tensor, list[str]]:
     """(stats, token ids (N, L), texts) of the samples behind PREFIX, PREFIX.json or PREFIX.jsonl."""
-    path = Path(path)
-    prefix = path.with_suffix("") if path.suffix in (".json", ".jsonl") else path
+    from .sample import output_prefix
+
+    prefix = output_prefix(str(path))
     stats_file, rows_file = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".jsonl")
     if not stats_file.is_file():
         raise FileNotFoundError(f"{stats_file} not found: pass the PREFIX.json that python -m pipeline.sample wrote")
@@ -217,7 +218,7 @@ def read_samples(path: str | Path) -> tuple[dict, torch.Tensor, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.genppl",
                                 description="Gen-PPL and entropy of samples written by python -m pipeline.sample")
-    p.add_argument("samples", help="PREFIX.json of a pipeline.sample run (PREFIX.jsonl must be next to it)")
+    p.add_argument("samples", help="the --output of a pipeline.sample run: its PREFIX (or PREFIX.json/.jsonl/.txt)")
     p.add_argument("--judge", default="", help="AR checkpoint of this project or a Hugging Face causal-LM "
                                                "directory (without it: entropy only)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -240,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     output = Path(args.output) if args.output else None
     if output is not None:
-        samples_prefix = Path(args.samples).with_suffix("") if Path(args.samples).suffix in (".json", ".jsonl") \
-            else Path(args.samples)
+        from .sample import output_prefix
+
+        samples_prefix = output_prefix(args.samples)
         if output.resolve() in {samples_prefix.with_name(samples_prefix.name + e).resolve() for e in (".json", ".jsonl", ".txt")}:
             p.error(f"--output {output} is one of the samples' own files: name another file")
         if output.is_dir():

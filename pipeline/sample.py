@@ -62,8 +62,8 @@ def parse_args(argv):
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the copy in the checkpoint)")
     p.add_argument("--data", default="", help="the training data_prep output, for checkpoints that hold no copy "
                                               "of its manifest and tokenizer (default: the run's data.path)")
-    p.add_argument("--output", default="samples", help="output prefix: writes PREFIX.txt and PREFIX.json "
-                                                        "(a folder: FOLDER/samples.txt and .json)")
+    p.add_argument("--output", default="samples", help="output prefix: writes PREFIX.txt, PREFIX.jsonl and "
+                                                        "PREFIX.json (a folder: FOLDER/samples.*)")
     args = p.parse_args(argv)
     if args.no_cache and args.sampler == "cached":
         args.sampler = "ancestral"
@@ -118,7 +118,7 @@ def output_prefix(output: str) -> Path:
     path = Path(output)
     if output.endswith(("/", "\\")) or path.is_dir():
         path = path / "samples"
-    elif path.suffix in (".txt", ".json"):  # --output gen.txt means the prefix gen
+    elif path.suffix in (".txt", ".json", ".jsonl"):  # --output gen.txt means the prefix gen
         path = path.with_suffix("")
     return path
 
@@ -232,15 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         result = generate(model, args.num_samples, length, sampler=args.sampler, steps=args.steps,
                           block_size=block_size if args.sampler == "semi-ar" else None, carry=carry,
                           prompt=canvas, top_p=args.top_p, generator=gen, bos_id=bos_id, final=args.final,
-                          device=args.device, temperature=args.temperature)
+                          device=args.device, temperature=args.temperature,
+                          banned_ids=(int(manifest["mask_token_id"]),) if objective != "mdlm" else ())
     sync()
     wall = time.perf_counter() - start
     tokens = result.tokens.cpu()
     texts = [tok.decode(row.tolist(), skip_special_tokens=False) for row in tokens]
     shown = texts
     if args.stop_at_eos:
-        eos_id, start = int(manifest["tokenizer"]["eos_id"]), 1 + len(prompt)
-        shown = [tok.decode(until_eos(row.tolist(), start, eos_id), skip_special_tokens=False) for row in tokens]
+        eos_id, first = int(manifest["tokenizer"]["eos_id"]), 1 + len(prompt)
+        shown = [tok.decode(until_eos(row.tolist(), first, eos_id), skip_special_tokens=False) for row in tokens]
+    _with(prefix, ".json").unlink(missing_ok=True)  # an earlier run's stats must not pair with these samples
     _with(prefix, ".txt").write_text("\n\n=====\n\n".join(shown) + "\n")
     _with(prefix, ".jsonl").write_text("".join(json.dumps({"tokens": row, "text": text}) + "\n"
                                                for row, text in zip(tokens.tolist(), texts)))

@@ -3,7 +3,8 @@
 Calls go through a background thread in order; when the tracking server is unreachable they are
 kept and retried with backoff, so a server outage delays metrics instead of losing them. A call
 that keeps failing while the server answers (an artifact store this node cannot write, a rejected
-value) is dropped with a warning after a few tries, so it cannot hold back the calls behind it.
+value) is dropped with a warning after 5 tries (about 30 s of backoff), so it cannot hold back
+the calls behind it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
                  artifact_dir: str | Path | None = None, max_pending: int = 100_000,
                  retry_wait_s: float = 2.0, max_wait_s: float = 60.0, system_metrics: bool = False,
-                 system_metrics_interval_s: float = 10.0, start_step: int = 0, max_tries: int = 3):
+                 system_metrics_interval_s: float = 10.0, start_step: int = 0, max_tries: int = 5):
         # MLflow's own HTTP retries would block for minutes per call during an outage; this
         # class retries itself, off the training thread.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -40,12 +41,16 @@ class Tracker:
         self.run = None
         if run_id:
             try:
-                self.run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
-            except MlflowException as err:
-                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                usable = mlflow.tracking.MlflowClient(uri).get_run(run_id).info.lifecycle_stage != "deleted"
+            except MlflowException as err:  # unreachable servers raise other errors: no tracking then
+                if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                     raise
-                log.warning("MLflow run %s of the checkpoint is not in %s (tracked elsewhere before?): "
-                            "this run continues in a new MLflow run", run_id, uri)
+                usable = False
+            if usable:
+                self.run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
+            else:
+                log.warning("MLflow run %s of the checkpoint is not in %s (tracked elsewhere before, or "
+                            "deleted): this run continues in a new MLflow run", run_id, uri)
         if self.run is None:
             # A new experiment on a local store keeps its artifacts next to the store, not in
             # ./mlruns of whatever directory the job happened to start in.

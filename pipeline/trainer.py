@@ -604,7 +604,8 @@ class Trainer:
                                         temperature=s.temperature)
             else:
                 result = ar_sample(model, s.num_samples, length, int(self.manifest["tokenizer"]["bos_id"]),
-                                   generator=gen, top_p=s.top_p, temperature=s.temperature)
+                                   generator=gen, top_p=s.top_p, temperature=s.temperature,
+                                   banned_ids=(int(self.manifest["mask_token_id"]),))
         tok = Tokenizer.from_file(str(Path(self.cfg.data.path) / "tokenizer" / "tokenizer.json"))
         return [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens]
 

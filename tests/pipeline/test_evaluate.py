@@ -81,7 +81,7 @@ def test_precision_context_sets_autocast_and_restores_tf32():
     assert resolve_precision("auto", torch.device("cuda"), cuda_default="tf32") == "tf32"
     with pytest.raises(ValueError, match="tf32 needs a CUDA GPU"):
         resolve_precision("tf32", cpu, cuda_default="tf32")
-    before = torch.backends.cuda.matmul.allow_tf32
+    before, before_cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     x = torch.randn(4, 8)
     w = torch.randn(8, 8)
     with precision_context("bf16", cpu):
@@ -89,6 +89,18 @@ def test_precision_context_sets_autocast_and_restores_tf32():
     with precision_context("fp32", cpu):
         assert (x @ w).dtype == torch.float32
     assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32 == before
+    # the TF32 switches are process-wide: set for the block on a GPU, then put back (the flags can
+    # be set without a GPU; autocast stays off for fp32 and tf32)
+    cuda = torch.device("cuda")
+    try:
+        for initial in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = initial
+            for precision, inside in (("fp32", False), ("tf32", True)):
+                with precision_context(precision, cuda):
+                    assert torch.backends.cuda.matmul.allow_tf32 is inside and torch.backends.cudnn.allow_tf32 is inside
+                assert torch.backends.cuda.matmul.allow_tf32 is initial and torch.backends.cudnn.allow_tf32 is initial
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before, before_cudnn
 
 
 def test_zero3_placeholders_hold_no_weights_even_with_transformer_engine_state():

@@ -139,18 +139,34 @@ def test_system_sampler_reports_cpu_and_memory_through_the_tracker_queue():
     assert metrics["system/system_memory_usage_megabytes"] > 0
 
 
-def test_a_call_that_keeps_failing_while_the_store_answers_is_dropped_not_retried_forever(tmp_path):
+@pytest.fixture
+def in_process_mlflow(monkeypatch):
+    """A Tracker in the test process sets MLflow's process-wide state (tracking URI, experiment,
+    HTTP settings, also as environment variables that later tests' trainings would inherit):
+    put it all back afterwards."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    uri = mlflow.get_tracking_uri() if "MLFLOW_TRACKING_URI" in os.environ else None
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.setenv(key, "")  # recorded first, so teardown restores it, set or not
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    yield
+    mlflow.set_tracking_uri(uri)
+
+
+def test_a_call_that_keeps_failing_while_the_store_answers_is_dropped_not_retried_forever(tmp_path, in_process_mlflow):
     """An artifact store this node cannot write (missing credentials, a wrong root) must not hold
     back every metric queued behind the run's first artifact."""
-    import mlflow
-
     from pipeline.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     (tmp_path / "blocker").write_text("a file where the artifact folder should be")
     MlflowClient(uri).create_experiment("exp", artifact_location=(tmp_path / "blocker" / "artifacts").as_uri())
     (tmp_path / "config.yaml").write_text("a: 1\n")
-    tracker = Tracker(uri, "exp", retry_wait_s=0.05, max_wait_s=0.1, start_step=40)
+    tracker = Tracker(uri, "exp", retry_wait_s=0.05, max_wait_s=0.1, start_step=40, max_tries=3)
     assert tracker.last_step == 40  # a resumed run's system metrics go on at its step
     try:
         tracker.log_artifact(tmp_path / "config.yaml")
@@ -160,27 +176,27 @@ def test_a_call_that_keeps_failing_while_the_store_answers_is_dropped_not_retrie
         assert tracker.rejected == 1 and tracker.failures == tracker.max_tries == 3
     finally:
         delivered = tracker.end(timeout_s=30)
-        mlflow.set_tracking_uri(None)  # it also set MLFLOW_TRACKING_URI, which later tests' trainings would inherit
     assert not delivered  # end() reports that a call was lost
     history = MlflowClient(uri).get_metric_history(tracker.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(41, 51))
 
 
-def test_a_resume_whose_mlflow_run_is_not_in_this_store_starts_a_new_run(tmp_path, caplog):
+def test_a_resume_whose_mlflow_run_is_not_in_this_store_starts_a_new_run(tmp_path, caplog, in_process_mlflow):
     """A checkpoint carries its MLflow run id; resumed against another store (a server instead of
-    the run dir's sqlite, say) the run goes on tracked in a new MLflow run, not untracked."""
-    import mlflow
-
+    the run dir's sqlite, say) or after its run was deleted, training goes on tracked in a new
+    MLflow run, not untracked."""
     from pipeline.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    stale = "0123456789abcdef0123456789abcdef"
-    tracker = Tracker(uri, "exp", run_id=stale)
-    try:
-        tracker.log_metrics({"train/loss": 1.0}, 7)
-        assert tracker.flush(30)
-    finally:
-        tracker.end(timeout_s=30)
-        mlflow.set_tracking_uri(None)
-    assert tracker.run_id != stale and f"MLflow run {stale} of the checkpoint is not in" in caplog.text
-    assert [m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "train/loss")] == [7]
+    client = MlflowClient(uri)
+    deleted = client.create_run(client.create_experiment("old")).info.run_id
+    client.delete_run(deleted)
+    for stale in ("0123456789abcdef0123456789abcdef", deleted, "not-an-id"):
+        tracker = Tracker(uri, "exp", run_id=stale)
+        try:
+            tracker.log_metrics({"train/loss": 1.0}, 7)
+            assert tracker.flush(30)
+        finally:
+            tracker.end(timeout_s=30)
+        assert tracker.run_id != stale and f"MLflow run {stale} of the checkpoint is not in" in caplog.text
+        assert [m.step for m in client.get_metric_history(tracker.run_id, "train/loss")] == [7]

@@ -396,3 +396,33 @@ def test_genppl_refuses_bad_samples_and_outputs(ckpts, tmp_path, capsys):
 
         main(["--checkpoint", str(ckpts["mdlm"]), "--stop-at-eos", "--suffix", "t1"])
     assert "would cut off the --suffix" in capsys.readouterr().err
+
+
+def test_prefixes_agree_between_sample_and_genppl(ckpts, tmp_path, capsys):
+    from pipeline.genppl import main as genppl
+
+    stats, _ = sample(ckpts["mdlm"], tmp_path, "gen.jsonl", "--steps", "4", "--num-samples", "2", "--length", "8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.json", "gen.jsonl", "gen.txt"]
+    capsys.readouterr()
+    for given in ("gen", "gen.txt", "gen.json", "gen.jsonl"):
+        assert genppl([str(tmp_path / given)]) == 0
+        assert json.loads(capsys.readouterr().out)["entropy"] == stats["entropy"]
+
+
+def test_ar_samples_never_draw_the_mask_id(ckpts, tmp_path, monkeypatch):
+    """The AR model shares MDLM's vocabulary, [MASK] included, but never sees it in the data."""
+    from pipeline import inference
+
+    real = inference.load_checkpoint_model
+
+    def mask_favoured(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        with torch.no_grad():  # make [MASK] (id 16) the likeliest token: it must still never be drawn
+            loaded.model.backbone.final.linear.bias[16] += 100.0
+        return loaded
+
+    monkeypatch.setattr(inference, "load_checkpoint_model", mask_favoured)
+    sample(ckpts["ar"], tmp_path, "ar", "--num-samples", "4", "--length", "32")
+    for line in (tmp_path / "ar.jsonl").read_text().splitlines():
+        tokens = json.loads(line)["tokens"]
+        assert len(tokens) == 32 and max(tokens) < 16
