@@ -83,7 +83,8 @@ class Tracker:
     def _submit(self, what: str, fn, *args, **kwargs) -> None:
         with self._cond:
             if len(self._queue) >= self.max_pending:
-                self._queue.popleft()
+                # the oldest after the head: the worker may be delivering the head right now
+                del self._queue[1 if len(self._queue) > 1 else 0]
                 self.dropped += 1
                 if self.dropped == 1:
                     log.warning("MLflow queue full (%d calls): dropping the oldest", self.max_pending)

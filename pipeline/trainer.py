@@ -268,7 +268,6 @@ class Trainer:
             tmp = self.run_dir / "config.yaml.tmp"
             tmp.write_text(dump_yaml(cfg))
             os.replace(tmp, self.run_dir / "config.yaml")
-        self.tracker = self._start_tracking() if self.rank == 0 and cfg.tracking.enabled else None
         self._batches = batches(self.stream, cfg.data.micro_batch_size)
         self._keys_file = None
         if t.record_sample_keys:
@@ -276,6 +275,8 @@ class Trainer:
             self._keys_file = open(self.run_dir / "sample_keys" / f"rank{self.rank}.tsv", "a")
         # Fault injection for tests of the non-finite guard: MDLM_INJECT_NAN_STEPS="5,6".
         self._inject_nan_steps = {int(s) for s in os.environ.get("MDLM_INJECT_NAN_STEPS", "").split(",") if s}
+        # last: from here on train.py ends the MLflow run FAILED or KILLED if training does not finish
+        self.tracker = self._start_tracking() if self.rank == 0 and cfg.tracking.enabled else None
 
     # ---- setup helpers -------------------------------------------------------------------
     def _tp_layers(self, cfg: RunConfig):
