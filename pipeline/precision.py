@@ -118,20 +118,37 @@ def apply_fp8(model: nn.Module, fp8: FP8Config) -> list[str]:
         convert_to_float8_training(model, module_filter_fn=lambda _m, fqn: fqn in names,
                                    config=Float8LinearConfig.from_recipe_name(fp8.recipe))
         return sorted(names)
-    import transformer_engine.pytorch as te
-
+    linear = te_linear_class()
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old: nn.Linear = getattr(parent, child)
-        new = te.Linear(old.in_features, old.out_features, bias=old.bias is not None,
-                        params_dtype=old.weight.dtype, device=old.weight.device)
+        new = linear(old.in_features, old.out_features, bias=old.bias is not None,
+                     params_dtype=old.weight.dtype, device=old.weight.device)
         with torch.no_grad():
             new.weight.copy_(old.weight)
             if old.bias is not None:
                 new.bias.copy_(old.bias)
         setattr(parent, child, new)
     return sorted(names)
+
+
+def te_linear_class():
+    """te.Linear that reuses its FP8 weight copy over a step's micro-batches: the trainer sets
+    is_first_microbatch=True before each step's first micro-batch (the weights change only at
+    optimizer steps), as megatron-core's TE layers do; None (the default) casts at every call."""
+    import transformer_engine.pytorch as te
+
+    class CachedWeightLinear(te.Linear):
+        is_first_microbatch: bool | None = None
+
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            first = self.is_first_microbatch
+            if first:
+                self.is_first_microbatch = False
+            return super().forward(inp, is_first_microbatch=first)
+
+    return CachedWeightLinear
 
 
 def te_recipe_spec(fp8: FP8Config) -> tuple[str, dict]:

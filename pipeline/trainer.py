@@ -240,8 +240,8 @@ class Trainer:
             self.tp_layout, self.n_params = {}, count_parameters(model)
             n_matmul, n_conditioning = metrics.matmul_params(model), metrics.conditioning_params(model)
         self.flops_per_token = metrics.model_flops_per_token(cfg.model, n_matmul, self.seq_len, n_conditioning)
-        # megatron-core's TE layers reuse their FP8 weight copies after a forward with
-        # is_first_microbatch=True and reset it only from Megatron's own schedule: set it at each
+        # Transformer Engine layers (megatron-core's, and apply_fp8's) reuse their FP8 weight copies
+        # after a forward with is_first_microbatch=True until it is set again: set it at each
         # step's first micro-batch, or the blocks would compute with the first step's weights forever
         self._te_weight_caches = [m for m in model.modules() if hasattr(m, "is_first_microbatch")]
         self.engine, self.scheduler = make_engine(model, cfg, self.dp_world, self.device, mpu=self.mpu)

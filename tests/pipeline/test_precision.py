@@ -123,6 +123,16 @@ def _fake_te(monkeypatch, with_autocast: bool) -> list:
 
     calls = []
     te = types.ModuleType("transformer_engine.pytorch")
+
+    class Linear(torch.nn.Linear):  # te.Linear's constructor and forward signature
+        def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
+            super().__init__(in_features, out_features, bias=bias, device=device, dtype=params_dtype)
+
+        def forward(self, inp, is_first_microbatch=None):
+            calls.append(("Linear.forward", is_first_microbatch))
+            return super().forward(inp)
+
+    te.Linear = Linear
     if with_autocast:
         te.autocast = lambda **kwargs: calls.append(("autocast", kwargs)) or "ctx"
     te.fp8_autocast = lambda **kwargs: calls.append(("fp8_autocast", kwargs)) or "ctx"
@@ -164,3 +174,29 @@ def test_a_resume_loads_strictly_only_between_equal_te_layouts():
     # the first and last block switch between te.Linear and nn.Linear: their _extra_state keys come and go
     assert te_linear_layout(config("fp8", "te", keep=True)) != te_linear_layout(config("fp8", "te"))
     assert te_linear_layout({}) == (False, False)  # checkpoints from before these settings
+
+
+def test_te_linears_copy_the_weights_and_cache_fp8_weights_only_within_a_step(monkeypatch):
+    from pipeline.precision import apply_fp8
+
+    calls = _fake_te(monkeypatch, with_autocast=True)
+    model = tiny()
+    x0, t = torch.randint(0, 64, (2, 16)), torch.full((2,), 0.5)
+    noise = torch.rand(2, 16)
+    expected = model(x0, t, noise=noise).loss
+    names = apply_fp8(model, FP8Config(backend="te"))
+    converted = [m for n, m in model.named_modules() if n in names]
+    assert len(converted) == 4 * 4 and all(type(m).__name__ == "CachedWeightLinear" for m in converted)
+    assert torch.equal(model(x0, t, noise=noise).loss, expected)
+    # untouched (the bench, evaluation): TE casts the weights at every call
+    assert {flag for name, flag in calls if name == "Linear.forward"} == {None}
+    # the trainer's step: True before the first micro-batch, then the FP8 weight copy is reused
+    for step in range(2):
+        calls.clear()
+        for module in model.modules():
+            if hasattr(module, "is_first_microbatch"):
+                module.is_first_microbatch = True
+        for _ in range(3):
+            model(x0, t, noise=noise)
+        flags = [flag for name, flag in calls if name == "Linear.forward"]
+        assert flags == [True] * 16 + [False] * 32
