@@ -66,9 +66,11 @@ def test_two_processes_match_one(markov_data, tmp_path, one_process, stage, extr
     assert abs(nelbo[0] - nelbo[1]) < 1e-3, nelbo
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 only: the ZeRO-1/2 EMA partitions' save and exact reload are tested with real engines in
+# test_ema.py, and a killed 2-rank ZeRO-2 run resumes in tests/cluster (CI time)
+@pytest.mark.parametrize("stage", [3])
 def test_resume_restores_the_partitioned_ema(markov_data, tmp_path, stage):
-    """2 ranks: resuming from step 4 continues the partitioned EMA exactly."""
+    """2 ranks: resuming from step 4 continues the ZeRO-3 sharded EMA exactly."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = (*COMMON, f"train.zero_stage={stage}", "train.max_steps=8", "train.checkpoint_every=4", "train.keep_last=5")
     launch_train(straight, markov_data, *args)
