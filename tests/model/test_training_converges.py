@@ -53,14 +53,14 @@ def test_tiny_mdlm_and_ar_approach_the_entropy_rate():
     exact_cond = exact_seq + src.init[val[:, 0]].log()         # -log p(x_1..L-1 | x_0)
 
     start = time.perf_counter()
-    mdlm = train("mdlm", 1000, src)
+    mdlm = train("mdlm", 600, src)
     mdlm_s = time.perf_counter() - start
     bound, var = mdlm_nelbo(mdlm, val, 16, torch.Generator().manual_seed(2))
     gap_mdlm = ((bound - exact_seq).mean() / LENGTH).item()
     se_mdlm = ((bound - exact_seq).std() / math.sqrt(len(val)) / LENGTH).item()
 
     start = time.perf_counter()
-    ar = train("ar", 400, src)
+    ar = train("ar", 250, src)
     ar_s = time.perf_counter() - start
     nll = ar_nll(ar, val)
     gap_ar = ((nll - exact_cond).mean() / (LENGTH - 1)).item()
@@ -71,9 +71,9 @@ def test_tiny_mdlm_and_ar_approach_the_entropy_rate():
           f"exact NLL of the val set {exact_seq.mean().item() / LENGTH:.4f} (all L tokens), "
           f"{exact_cond.mean().item() / (LENGTH - 1):.4f} (tokens 1..L-1)")
     print(f"MDLM bound {bound_tok:.4f}: gap to the exact NLL {gap_mdlm:+.4f} +- {se_mdlm:.4f}, "
-          f"to the entropy rate {bound_tok - h:+.4f} nats/token ({mdlm_s:.0f} s, 1000 steps)")
+          f"to the entropy rate {bound_tok - h:+.4f} nats/token ({mdlm_s:.0f} s, 600 steps)")
     print(f"AR NLL     {ar_tok:.4f}: gap to the exact NLL {gap_ar:+.4f} +- {se_ar:.4f}, "
-          f"to the entropy rate {ar_tok - h:+.4f} nats/token ({ar_s:.0f} s, 400 steps)")
+          f"to the entropy rate {ar_tok - h:+.4f} nats/token ({ar_s:.0f} s, 250 steps)")
 
     # a bound cannot sit below the truth (beyond Monte Carlo error); trained, it is close to it
     assert -3 * se_mdlm < gap_mdlm < 0.06
