@@ -79,7 +79,10 @@ def worker(rank: int, size: int, port: int, queue):
             refused = ""
         except ValueError as err:
             refused = str(err)
-        queue.put((rank, everywhere, at_zero is None, start,
+        # plain values (numpy): a tensor would be passed as a shared-memory handle that the parent
+        # cannot fetch once this process has exited
+        queue.put((rank, {k: v.numpy().copy() for k, v in everywhere.items()}, at_zero is None,
+                   {k: v.numpy().copy() for k, v in start.items()},
                    all(torch.equal(again[k], everywhere[k]) for k in everywhere) and restarted, refused,
                    sum(s.numel() for s in ema.shards)))
     finally:
@@ -91,8 +94,8 @@ def test_partitioned_ema_assembles_checkpoints_and_reloads_exactly():
     for rank, whole, none_here, start, reloaded, refused, held in results:
         assert sorted(whole) == ["a", "b", "c"]
         for name, value in whole.items():   # EMA after one step at decay 0.5: start + 4
-            assert value.shape == SHAPES[name]
-            torch.testing.assert_close(value, start[name] + 4.0, rtol=0, atol=0)
+            assert tuple(value.shape) == tuple(SHAPES[name])
+            torch.testing.assert_close(torch.from_numpy(value), torch.from_numpy(start[name]) + 4.0, rtol=0, atol=0)
         assert none_here == (rank == 1)     # the checkpoint copy is assembled on rank 0 only
         assert reloaded                     # each rank cut its own partition back out of the whole EMA
         assert "only some data-parallel ranks found the EMA" in refused
