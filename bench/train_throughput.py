@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--loss-steps", type=int, default=0, help="also train this many steps per mode and report the loss")
     p.add_argument("--lr-warmup", type=int, default=50,
                    help="linear LR warmup steps (to 3e-4): a 1B model trained from scratch at full LR can spike")
+    p.add_argument("--profile", type=int, default=0,
+                   help="also profile this many steps per mode and print where the device time goes")
     p.add_argument("--output", default="", help="write the figures as JSON here")
     return p.parse_args(argv)
 
@@ -212,7 +215,81 @@ def _measure(args, mode: str, device, model, step) -> dict:
             losses.append(float(step(next(data), t, u).detach()))
         tail = losses[-max(1, args.loss_steps // 10):]
         result["loss_after"] = {"steps": args.warmup + args.steps + args.loss_steps, "mean_last_10pct": sum(tail) / len(tail)}
+    if args.profile:
+        result["profile"] = profile_steps(args, device, step, data)
     return result
+
+
+# Where a step's device time goes, by kernel name (GPU) or operator name (CPU); first match wins,
+# so FP8 matmuls are told apart from bf16 ones and compiled (triton) kernels from eager ones.
+TIME_CATEGORIES = (
+    ("fp8 matmul", r"e4m3|e5m2|nvjet_qq|f8f8|_fp8|scaled_mm"),  # cuBLAS names FP8 kernels nvjet_qq*
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("attention", r"flash|fmha|sdpa|attention|scaled_dot_product"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("communication", r"nccl|all_?reduce|reduce_scatter|all_?gather|broadcast"),
+    ("compiled (triton)", r"triton"),
+    ("copy/fill", r"memcpy|memset|aten::copy_|aten::fill_|aten::zero_"),
+)
+
+
+def time_category(name: str) -> str:
+    for category, pattern in TIME_CATEGORIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return category
+    return "other"
+
+
+def profile_breakdown(events, steps: int, wall_s: float, on_device: bool) -> dict:
+    """Self time per step of each category and of the top names, from torch.profiler's
+    key_averages(); on a GPU only kernels count (device time), on a CPU the operators' self time."""
+    per_name = {}
+    for e in events:
+        if on_device:
+            if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            us = e.self_cuda_time_total if us is None else us
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            total, count = per_name.get(e.key, (0.0, 0))
+            per_name[e.key] = (total + us, count + e.count)
+    busy_ms = sum(us for us, _ in per_name.values()) / 1000 / steps
+    categories = {}
+    for name, (us, _) in per_name.items():
+        category = time_category(name)
+        categories[category] = categories.get(category, 0.0) + us / 1000 / steps
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:12]
+    return {"steps": steps, "counted": "kernels" if on_device else "operators", "wall_ms_per_step": 1000 * wall_s / steps, "busy_ms_per_step": busy_ms,
+            "categories_ms_per_step": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "top_ms_per_step": [[name[:120], us / 1000 / steps, count // steps] for name, (us, count) in top]}
+
+
+def profile_steps(args, device, step, data) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    on_device = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_device else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if on_device else ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for i in range(args.profile):
+            t, u = noise(20_000 + i, args.micro_batch, args.seq_len, device)
+            step(next(data), t, u)
+        sync()
+        wall = time.perf_counter() - start
+    return profile_breakdown(prof.key_averages(), args.profile, wall, on_device)
+
+
+def print_profile(mode: str, p: dict) -> None:
+    print(f"{mode}: {p['wall_ms_per_step']:.1f} ms per step under the profiler, device busy "
+          f"{p['busy_ms_per_step']:.1f} ms ({p['busy_ms_per_step'] / p['wall_ms_per_step']:.0%})")
+    for category, ms in p["categories_ms_per_step"].items():
+        print(f"  {category:<20}{ms:>9.2f} ms {ms / p['busy_ms_per_step']:>6.1%}")
+    print(f"  top {p['counted']}:")
+    for name, ms, count in p["top_ms_per_step"]:
+        print(f"    {ms:>8.2f} ms {count:>5}x  {name}")
 
 
 def write_figures(path: str, device_name: str, args, results: list, failed: list) -> None:
@@ -258,6 +335,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         if results and results[-1]["mode"] == mode:
             print_row(results[-1], next((r for r in results if r["mode"] == "plain"), results[0]))
+            if "profile" in results[-1]:
+                print_profile(mode, results[-1]["profile"])
         # each finished mode is on disk at once: a run cut off by a time limit keeps its figures
         write_figures(args.output, name, args, results, failed)
     if not results:

@@ -2,6 +2,7 @@
 meaningful on a GPU; this keeps the one command that measures them working)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -33,6 +34,32 @@ def test_throughput_bench_prints_and_writes_every_mode(tmp_path):
     plain, ds, mixed, fp8 = (r["last_loss"] for r in result["results"])
     assert abs(plain - mixed) < 1e-5 and abs(plain - ds) < 1e-3 and abs(plain - fp8) / plain < 0.05
     assert "tokens/s" in proc.stdout and "ratio" in proc.stdout
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_qqtst_128x256_128x6_2x1_2cta_v_bz_TNT", "fp8 matmul"),
+    ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128", "fp8 matmul"),
+    ("aten::_scaled_mm", "fp8 matmul"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+    ("aten::mm", "matmul"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", "optimizer"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
+    ("triton_per_fused_add_mul_native_layer_norm_0", "compiled (triton)"),
+    ("Memcpy DtoD (Device -> Device)", "copy/fill"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+])
+def test_profile_categories_tell_kernel_kinds_apart(name, category):
+    assert throughput_bench().time_category(name) == category
+
+
+def throughput_bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_a_failing_mode_is_reported_without_losing_the_others(tmp_path):
@@ -85,7 +112,7 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
-    assert sorted(figures) == ["fp8.json", "throughput-accum4.json"]
+    assert sorted(figures) == ["fp8.json", "profile.json", "throughput-accum4.json"]
     accum4 = {r["mode"]: r for r in figures["throughput-accum4.json"]["results"]}
     assert list(accum4) == ["plain", "deepspeed", "deepspeed-bf16grad", "deepspeed-mixed", "plain-full"]
     assert abs(accum4["deepspeed-bf16grad"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
@@ -97,6 +124,16 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert fp8["plain-fp8"]["loss_after"]["steps"] == 1 + 1 + 2
     assert abs(fp8["deepspeed-fp8"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
     assert "plain-fp8 vs plain:" in proc.stdout
+    profiled = {r["mode"]: r["profile"] for r in figures["profile.json"]["results"]}
+    assert list(profiled) == ["plain", "plain-fp8", "deepspeed-fp8"]
+    for mode, p in profiled.items():
+        assert p["steps"] == 3 and p["busy_ms_per_step"] > 0
+        assert sum(p["categories_ms_per_step"].values()) == pytest.approx(p["busy_ms_per_step"])
+    # the FP8 step's block matmuls are FP8 ones (torch._scaled_mm), the bf16 step has none
+    assert profiled["plain-fp8"]["categories_ms_per_step"]["fp8 matmul"] > 0
+    assert "fp8 matmul" not in profiled["plain"]["categories_ms_per_step"]
+    assert profiled["plain"]["categories_ms_per_step"]["matmul"] > 0
+    assert "top operators:" in proc.stdout
 
 
 def test_gpu_suite_script_rejects_bad_input(tmp_path):
