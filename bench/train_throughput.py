@@ -282,6 +282,16 @@ def profile_steps(args, device, step, data) -> dict:
     return profile_breakdown(prof.key_averages(), args.profile, wall, on_device)
 
 
+def print_profile_change(mode: str, base_mode: str, p: dict, ref: dict) -> None:
+    """Per category, the device time a mode adds or saves per step against its base mode (e.g.
+    what FP8 saves in matmuls and spends in casts)."""
+    mine, theirs = p["categories_ms_per_step"], ref["categories_ms_per_step"]
+    print(f"  device ms per step, {mode} minus {base_mode}: "
+          f"{p['busy_ms_per_step'] - ref['busy_ms_per_step']:+.1f} in all")
+    for category in sorted(set(mine) | set(theirs), key=lambda c: mine.get(c, 0) - theirs.get(c, 0)):
+        print(f"    {category:<20}{mine.get(category, 0.0) - theirs.get(category, 0.0):>+9.2f} ms")
+
+
 def print_profile(mode: str, p: dict) -> None:
     print(f"{mode}: {p['wall_ms_per_step']:.1f} ms per step under the profiler, device busy "
           f"{p['busy_ms_per_step']:.1f} ms ({p['busy_ms_per_step'] / p['wall_ms_per_step']:.0%})")
@@ -353,6 +363,8 @@ def main(argv=None) -> int:
                                     "loss_rel_diff": (loss - ref_loss) / ref_loss}
             print(f"{r['mode']} vs {base_mode}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tokens/s, "
                   f"loss {100 * (loss - ref_loss) / ref_loss:+.2f}%")
+            if "profile" in r and "profile" in ref:
+                print_profile_change(r["mode"], base_mode, r["profile"], ref["profile"])
     write_figures(args.output, name, args, results, failed)
     return 0 if not failed and all(math.isfinite(r["last_loss"]) for r in results) else 1
 

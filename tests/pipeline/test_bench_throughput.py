@@ -133,7 +133,7 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert profiled["plain-fp8"]["categories_ms_per_step"]["fp8 matmul"] > 0
     assert "fp8 matmul" not in profiled["plain"]["categories_ms_per_step"]
     assert profiled["plain"]["categories_ms_per_step"]["matmul"] > 0
-    assert "top operators:" in proc.stdout
+    assert "top operators:" in proc.stdout and "device ms per step, plain-fp8 minus plain:" in proc.stdout
 
 
 def test_gpu_suite_script_rejects_bad_input(tmp_path):
