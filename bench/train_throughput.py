@@ -32,7 +32,7 @@ from model.config import model_config  # noqa: E402
 from model.mdlm import build_model  # noqa: E402
 from model.noise import stratified_times  # noqa: E402
 from pipeline import metrics  # noqa: E402
-from pipeline.adapters import compile_blocks, zero3_leaf_blocks  # noqa: E402
+from pipeline.adapters import attention_backend, compile_blocks, zero3_leaf_blocks  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.precision import FP8Config, apply_fp8, te_autocast  # noqa: E402
 from pipeline.trainer import lr_lambda, make_engine, param_groups  # noqa: E402
@@ -48,10 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
     p.add_argument("--modes", default="plain,deepspeed",
-                   help="comma list of plain, plain-fp8, plain-full (the output head on every position, "
-                        "not only the masked ones), deepspeed (bf16 weights, fp32 master), "
-                        "deepspeed-bf16grad (gradients accumulated and reduced in bf16, not fp32), "
-                        "deepspeed-mixed (fp32 weights under autocast), deepspeed-fp8")
+                   help="comma list of plain or deepspeed (bf16 weights, fp32 master), each with optional "
+                        "suffixes: -fp8, -full (the output head on every position, not only the masked "
+                        "ones), -cudnn (cuDNN's fused attention preferred: train.attention_backend=cudnn), "
+                        "and for deepspeed -bf16grad (gradients accumulated and reduced in bf16, not fp32) "
+                        "or -mixed (fp32 weights under autocast); e.g. deepspeed-fp8-cudnn")
     p.add_argument("--zero-stage", type=int, default=1, help="default: that of configs/train/mdlm-1b-h100.yaml")
     p.add_argument("--ds-config", default="",
                    help="DeepSpeed JSON merged under the generated config (default: configs/deepspeed/"
@@ -113,28 +114,43 @@ def run_config(args, cfg_model) -> RunConfig:
     return cfg
 
 
+MODE_FLAGS = {"plain": {"fp8", "full", "cudnn"}, "deepspeed": {"fp8", "full", "cudnn", "bf16grad", "mixed"}}
+
+
+def mode_parts(mode: str) -> tuple[str, set]:
+    """'deepspeed-fp8-cudnn' -> ('deepspeed', {'fp8', 'cudnn'})."""
+    kind, *flags = mode.split("-")
+    if kind not in MODE_FLAGS or not set(flags) <= MODE_FLAGS[kind] or len(set(flags)) < len(flags):
+        raise ValueError(f"unknown mode '{mode}': plain with -fp8/-full/-cudnn, or deepspeed with those "
+                         f"or -bf16grad/-mixed (see --help)")
+    if {"fp8", "mixed"} <= set(flags):
+        raise ValueError(f"mode '{mode}': -fp8 and -mixed exclude each other")
+    return kind, set(flags)
+
+
 def build(args, mode: str, device):
+    kind, flags = mode_parts(mode)
     torch.manual_seed(0)
     cfg_model = model_config(args.preset, vocab_size=args.vocab_size, dropout=0.0,
-                             masked_logits_only=not mode.endswith("-full"))
+                             masked_logits_only="full" not in flags)
     model = build_model(cfg_model)
     fp8 = FP8Config(backend=args.fp8_backend,
                     recipe=args.fp8_recipe or ("tensorwise" if args.fp8_backend == "torchao" else "delayed"))
-    if mode.endswith("fp8"):
+    if "fp8" in flags:
         apply_fp8(model, fp8)
     if args.compile:
         compile_blocks(model)
-        if mode.startswith("deepspeed") and args.zero_stage == 3:
+        if kind == "deepspeed" and args.zero_stage == 3:
             zero3_leaf_blocks(model)
-    context = (lambda: te_autocast(fp8)) if mode.endswith("fp8") else contextlib.nullcontext
-    bf16 = args.precision == "bf16" or mode.endswith("fp8")
-    if mode.startswith("deepspeed"):
+    context = (lambda: te_autocast(fp8)) if "fp8" in flags else contextlib.nullcontext
+    bf16 = args.precision == "bf16" or "fp8" in flags
+    if kind == "deepspeed":
         cfg = run_config(args, cfg_model)
-        if mode.endswith("fp8"):
+        if "fp8" in flags:
             cfg.train.precision = "bf16"
-        if mode.endswith("mixed"):
+        if "mixed" in flags:
             cfg.train.precision = "bf16-mixed" if args.precision == "bf16" else "fp32"
-        if mode.endswith("bf16grad"):
+        if "bf16grad" in flags:
             cfg.train.grad_precision = "bf16"
         engine, _ = make_engine(model, cfg, int(os.environ.get("WORLD_SIZE", "1")), device)
 
@@ -166,23 +182,38 @@ def build(args, mode: str, device):
     return model, step, None
 
 
+_traced_attention_backend = None
+
+
 def measure(args, mode: str, device) -> dict:
-    model, step, engine = build(args, mode, device)
-    try:
-        return _measure(args, mode, device, model, step)
-    finally:
-        if engine is not None:  # DeepSpeed's hooks keep an engine (weights, optimizer) alive otherwise
-            engine.destroy()
-        del model, step, engine
-        if "transformer_engine.pytorch" in sys.modules:  # its global amax buffers hold this mode's modules
-            try:
-                from transformer_engine.pytorch.quantization import FP8GlobalStateManager
-            except ImportError:  # TE < 2.9
-                from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
-            FP8GlobalStateManager.reset()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    global _traced_attention_backend
+    backend = "cudnn" if "cudnn" in mode_parts(mode)[1] else "default"
+    # compiled graphs keep the attention kernel they were traced with, and a later mode's blocks
+    # would reuse them: trace again where the preference changes
+    if args.compile and _traced_attention_backend not in (None, backend):
+        torch._dynamo.reset()
+    _traced_attention_backend = backend
+    with attention_backend(backend):
+        model, step, engine = build(args, mode, device)
+        try:
+            return _measure(args, mode, device, model, step)
+        finally:
+            if engine is not None:  # DeepSpeed's hooks keep an engine (weights, optimizer) alive otherwise
+                engine.destroy()
+            del model, step, engine
+            free_mode_state(device)
+
+
+def free_mode_state(device) -> None:
+    if "transformer_engine.pytorch" in sys.modules:  # its global amax buffers hold this mode's modules
+        try:
+            from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+        except ImportError:  # TE < 2.9
+            from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+        FP8GlobalStateManager.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _measure(args, mode: str, device, model, step) -> dict:
@@ -319,6 +350,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        try:
+            mode_parts(mode)
+        except ValueError as err:
+            print(f"--modes: {err}", file=sys.stderr)
+            return 2
     if any(m.startswith("deepspeed") for m in modes):
         from pipeline.distributed import init_distributed
 

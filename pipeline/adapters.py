@@ -1,10 +1,43 @@
-"""Model-level adapters applied by the trainer: activation checkpointing and per-block compile.
+"""Model-level adapters applied by the trainer: activation checkpointing, per-block compile and
+the attention kernel preference.
 
-Both keep the state-dict keys of the plain model, so checkpoints move freely between settings."""
+All keep the state-dict keys of the plain model, so checkpoints move freely between settings."""
 from __future__ import annotations
+
+import contextlib
+import inspect
 
 import torch
 from torch import nn
+
+from .configtools import ConfigError
+
+ATTENTION_BACKENDS = ("default", "cudnn", "flash", "efficient")
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """Prefer one of scaled_dot_product_attention's fused kernels: 'cudnn' (cuDNN's fused
+    attention, the kernel behind Transformer Engine's FusedAttention), 'flash' or 'efficient'.
+    The other kernels stay enabled, after it, for shapes or devices it cannot serve (a CPU runs
+    its own kernels whatever is preferred). 'default' keeps torch's order (flash first). Enter it
+    before the first forward: a compiled block fixes its attention kernel when it is traced."""
+    if name == "default":
+        yield
+        return
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention backend '{name}' is not one of {', '.join(ATTENTION_BACKENDS)}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        raise ConfigError(f"train.attention_backend={name} needs torch's sdpa_kernel(set_priority=...), "
+                          f"which torch {torch.__version__} lacks: upgrade torch or use 'default'")
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    fallbacks = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                             SDPBackend.MATH) if b != first]
+    with sdpa_kernel([first, *fallbacks], set_priority=True):
+        yield
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

@@ -75,6 +75,9 @@ class TrainConfig:
     exit_code_on_signal: int = 0
     activation_checkpointing: bool = False
     compile: bool = False          # torch.compile each transformer block
+    # scaled_dot_product_attention's preferred kernel on GPUs: default (torch's order: flash
+    # first) | cudnn (cuDNN's fused attention) | flash | efficient; the others stay as fallbacks
+    attention_backend: Literal["default", "cudnn", "flash", "efficient"] = "default"
     record_sample_keys: bool = False  # append "step<TAB>key" per rank to <run_dir>/sample_keys/
 
     def validate(self) -> None:

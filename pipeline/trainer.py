@@ -22,7 +22,8 @@ from model.noise import stratified_times
 from model.tensor_parallel import strip_extra_state
 
 from . import metrics
-from .adapters import apply_activation_checkpointing, compile_blocks, plain_name, zero3_leaf_blocks
+from .adapters import (apply_activation_checkpointing, attention_backend, compile_blocks, plain_name,
+                       zero3_leaf_blocks)
 from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
@@ -621,6 +622,15 @@ class Trainer:
             fh.write(json.dumps({"step": self.step, **metrics_}) + "\n")
 
     def run(self) -> dict:
+        """Train to train.max_steps (or a stop signal), then evaluate and sample; returns the summary."""
+        backend = self.cfg.train.attention_backend
+        if backend != "default" and self.device.type != "cuda" and self.rank == 0:
+            log.warning("train.attention_backend=%s selects among GPU attention kernels; on %s it changes nothing",
+                        backend, self.device.type)
+        with attention_backend(backend):  # before the first forward, which traces compiled blocks
+            return self._run()
+
+    def _run(self) -> dict:
         t = self.cfg.train
         self.engine.train()
         window_start, window_tokens, paused = time.perf_counter(), 0, 0.0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of the training issues, one command on a bare GPU image (torch + numpy):
-#     bash bench/gpu/run.sh throughput|fp8|profile|all [extra bench/train_throughput.py arguments]
+#     bash bench/gpu/run.sh throughput|fp8|profile|attention|all [extra bench/train_throughput.py arguments]
 # throughput: mdlm-1b at micro-batch 16 x 1024 and accumulation 4 (configs/train/mdlm-1b-h100.yaml),
 #             the project's DeepSpeed step (ZeRO-1; bf16 weights with fp32 or bf16 gradients, and
 #             bf16-mixed) against a plain PyTorch step (compiled blocks, fused AdamW), same
@@ -10,7 +10,11 @@
 #             on real text from $DATA (a data_prep output with seq_len 1024), micro-batch 8 (the
 #             demo corpus holds ~2,030 sequences: none is seen twice).
 # profile:    where a step's GPU time goes (matmul, FP8 matmul, attention, compiled kernels,
-#             optimizer, ...) for the plain, plain-fp8 and deepspeed-fp8 steps at micro-batch 16.
+#             optimizer, ...) for the plain, plain-cudnn, plain-fp8 and deepspeed-fp8 steps at
+#             micro-batch 16.
+# attention:  cuDNN's fused attention preferred (train.attention_backend=cudnn) against torch's
+#             default (flash first), bf16 and FP8, at micro-batch 16 x accumulation 4; and the loss
+#             after $LOSS_STEPS steps on real text with each, as in the fp8 suite.
 # Wheels come from .gpu-wheels (bench/gpu/wheels.sh); figures go to $OUT (default runs/gpu-bench)
 # as JSON next to the printed tables.
 set -euo pipefail
@@ -24,7 +28,11 @@ DATA="${DATA:-runs/gpu-data}"
 # 25 + 200 steps of 8 sequences: 1,800 of the demo corpus's ~2,030 train sequences, each seen once
 LOSS_STEPS="${LOSS_STEPS:-200}"
 mkdir -p "$OUT"
-case "$SUITE" in throughput|fp8|profile|all) ;; *) echo "unknown suite '$SUITE': use throughput, fp8, profile or all" >&2; exit 2 ;; esac
+case "$SUITE" in throughput|fp8|profile|attention|all) ;;
+  *) echo "unknown suite '$SUITE': use throughput, fp8, profile, attention or all" >&2; exit 2 ;; esac
+if [[ "$SUITE" == fp8 || "$SUITE" == attention || "$SUITE" == all ]] && [[ ! -f "$DATA/manifest.json" ]]; then
+  echo "no data_prep output at $DATA (set DATA=...; see bench/gpu/README.md)" >&2; exit 2
+fi
 
 if [[ -d .gpu-wheels ]] && ! "$PY" -c "import deepspeed, torchao, webdataset, yaml" >/dev/null 2>&1; then
   SITE="${TMPDIR:-/tmp}/mdlm-gpu-site"
@@ -53,7 +61,6 @@ if [[ "$SUITE" == throughput || "$SUITE" == all ]]; then
     --modes plain,deepspeed,deepspeed-bf16grad,deepspeed-mixed,plain-full --output "$OUT/throughput-accum4.json" "$@"
 fi
 if [[ "$SUITE" == fp8 || "$SUITE" == all ]]; then
-  [[ -f "$DATA/manifest.json" ]] || { echo "no data_prep output at $DATA (set DATA=...; see bench/gpu/README.md)" >&2; exit 2; }
   echo "== fp8: bf16 vs FP8, speed and loss after $LOSS_STEPS steps on $DATA =="
   bench "${COMMON[@]}" --steps 20 --warmup 5 --data "$DATA" \
     --loss-steps "$LOSS_STEPS" --modes plain,plain-fp8,deepspeed,deepspeed-fp8 --output "$OUT/fp8.json" "$@"
@@ -61,7 +68,15 @@ fi
 if [[ "$SUITE" == profile || "$SUITE" == all ]]; then
   echo "== profile: device time per step by kernel category =="
   bench "${COMMON[@]}" --micro-batch 16 --steps 3 --warmup 3 --profile 3 \
-    --modes plain,plain-fp8,deepspeed-fp8 --output "$OUT/profile.json" "$@"
+    --modes plain,plain-cudnn,plain-fp8,deepspeed-fp8 --output "$OUT/profile.json" "$@"
+fi
+if [[ "$SUITE" == attention || "$SUITE" == all ]]; then
+  echo "== attention: cuDNN fused attention preferred vs torch's default order =="
+  bench "${COMMON[@]}" --micro-batch 16 --grad-accum 4 --steps 6 --warmup 3 \
+    --modes plain,plain-cudnn,deepspeed,deepspeed-cudnn,deepspeed-fp8,deepspeed-fp8-cudnn \
+    --output "$OUT/attention.json" "$@"
+  bench "${COMMON[@]}" --steps 5 --warmup 5 --data "$DATA" --loss-steps "$LOSS_STEPS" \
+    --modes plain,plain-cudnn --output "$OUT/attention-loss.json" "$@"
 fi
 echo "figures: $OUT"
 exit "$STATUS"

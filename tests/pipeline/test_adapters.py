@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 from model.config import model_config
 from model.mdlm import build_model
-from pipeline.adapters import apply_activation_checkpointing, compile_blocks, plain_name
+from pipeline.adapters import apply_activation_checkpointing, attention_backend, compile_blocks, plain_name
+from pipeline.configtools import ConfigError
 
 
 def pair():
@@ -51,11 +54,43 @@ def test_compiled_blocks_under_zero3_train_like_eager_without_recompiles(markov_
     common = ("train.max_steps=6", "train.log_every=1", "train.checkpoint_every=0", "train.zero_stage=3",
               "tracking.enabled=false", "eval.max_batches=1", "sample.num_samples=1", "sample.steps=4")
     eager = run_single(tmp_path / "eager", markov_data, *common)
+    # (a CPU has no cuDNN attention: the preference must change nothing there, and say so)
     compiled = run_single(tmp_path / "compiled", markov_data, *common, "train.compile=true",
-                          env_extra={"TORCH_LOGS": "recompiles,graph_breaks,guards"})
+                          "train.attention_backend=cudnn", env_extra={"TORCH_LOGS": "recompiles,graph_breaks,guards"})
     text = compiled.stdout + compiled.stderr
+    assert "train.attention_backend=cudnn selects among GPU attention kernels; on cpu it changes nothing" in text
     assert "GUARDS:" in text  # dynamo did compile (one graph serves every block)
     assert "Recompiling" not in text and "Graph break" not in text, text[-3000:]
     ref, got = logged_losses(eager.stdout + eager.stderr), logged_losses(text)
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     assert all(abs(float(got[s]) - float(ref[s])) <= 2e-4 for s in ref), (got, ref)
+
+
+def sdpa_state():
+    enabled = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+               torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    return torch._C._get_sdp_priority_order(), enabled
+
+
+@pytest.mark.parametrize("name, first", [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                                         ("efficient", SDPBackend.EFFICIENT_ATTENTION)])
+def test_attention_backend_prefers_one_kernel_and_keeps_the_others_as_fallbacks(name, first):
+    before = sdpa_state()
+    with attention_backend(name):
+        order, enabled = sdpa_state()
+        assert order[0] == int(first)
+        assert all(enabled)  # shapes the preferred kernel cannot serve still find one
+        q = torch.randn(2, 4, 16, 8, requires_grad=True)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+        assert q.grad is not None
+    assert sdpa_state() == before
+
+
+def test_attention_backend_default_changes_nothing_and_unknown_names_are_refused():
+    before = sdpa_state()
+    with attention_backend("default"):
+        assert sdpa_state() == before
+    with pytest.raises(ConfigError, match="attention backend 'fa3' is not one of default, cudnn, flash, efficient"):
+        with attention_backend("fa3"):
+            pass
+    assert sdpa_state() == before

@@ -112,7 +112,8 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
-    assert sorted(figures) == ["fp8.json", "profile.json", "throughput-accum4.json"]
+    assert sorted(figures) == ["attention-loss.json", "attention.json", "fp8.json", "profile.json",
+                               "throughput-accum4.json"]
     accum4 = {r["mode"]: r for r in figures["throughput-accum4.json"]["results"]}
     assert list(accum4) == ["plain", "deepspeed", "deepspeed-bf16grad", "deepspeed-mixed", "plain-full"]
     assert abs(accum4["deepspeed-bf16grad"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
@@ -125,7 +126,7 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert abs(fp8["deepspeed-fp8"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
     assert "plain-fp8 vs plain:" in proc.stdout
     profiled = {r["mode"]: r["profile"] for r in figures["profile.json"]["results"]}
-    assert list(profiled) == ["plain", "plain-fp8", "deepspeed-fp8"]
+    assert list(profiled) == ["plain", "plain-cudnn", "plain-fp8", "deepspeed-fp8"]
     for mode, p in profiled.items():
         assert p["steps"] == 3 and p["busy_ms_per_step"] > 0
         assert sum(p["categories_ms_per_step"].values()) == pytest.approx(p["busy_ms_per_step"])
@@ -134,6 +135,14 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert "fp8 matmul" not in profiled["plain"]["categories_ms_per_step"]
     assert profiled["plain"]["categories_ms_per_step"]["matmul"] > 0
     assert "top operators:" in proc.stdout and "device ms per step, plain-fp8 minus plain:" in proc.stdout
+    attention = {r["mode"]: r for r in figures["attention.json"]["results"]}
+    assert list(attention) == ["plain", "plain-cudnn", "deepspeed", "deepspeed-cudnn", "deepspeed-fp8",
+                               "deepspeed-fp8-cudnn"]
+    # a CPU has no cuDNN attention: the preference changes nothing, not even the loss's last bit
+    assert attention["plain-cudnn"]["vs_plain"]["loss_rel_diff"] == 0.0
+    assert attention["deepspeed-fp8-cudnn"]["vs_deepspeed-fp8"]["loss_rel_diff"] == 0.0
+    loss = {r["mode"]: r for r in figures["attention-loss.json"]["results"]}
+    assert loss["plain-cudnn"]["loss_after"]["steps"] == 1 + 1 + 2
 
 
 def test_gpu_suite_script_rejects_bad_input(tmp_path):
