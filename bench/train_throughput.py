@@ -251,15 +251,16 @@ def _measure(args, mode: str, device, model, step) -> dict:
     return result
 
 
-# Where a step's device time goes, by kernel name (GPU) or operator name (CPU); first match wins,
-# so FP8 matmuls are told apart from bf16 ones and compiled (triton) kernels from eager ones.
+# Where a step's device time goes, by kernel name (GPU) or operator name (CPU); first match wins.
+# Attention comes first: flash kernels carry cutlass types in their template arguments.
 TIME_CATEGORIES = (
-    ("fp8 matmul", r"e4m3|e5m2|nvjet_qq|f8f8|_fp8|scaled_mm"),  # cuBLAS names FP8 kernels nvjet_qq*
+    ("attention", r"pytorch_flash|flash_fwd|flash_bwd|fmha|sdpa|attention|scaled_dot_product"),
+    ("fp8 matmul", r"nvjet_qq|(gemm|xmma|cutlass).*(e4m3|e5m2)|f8f8|scaled_mm"),  # cuBLAS: nvjet_qq* = FP8
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm|matmul|linear)$"),
-    ("attention", r"flash|fmha|sdpa|attention|scaled_dot_product"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("communication", r"nccl|all_?reduce|reduce_scatter|all_?gather|broadcast"),
     ("compiled (triton)", r"triton"),
+    ("fp8 casts (eager)", r"e4m3|e5m2|float8"),
     ("copy/fill", r"memcpy|memset|aten::copy_|aten::fill_|aten::zero_"),
 )
 
@@ -276,6 +277,8 @@ def profile_breakdown(events, steps: int, wall_s: float, on_device: bool) -> dic
     key_averages(); on a GPU only kernels count (device time), on a CPU the operators' self time."""
     per_name = {}
     for e in events:
+        if getattr(e, "is_user_annotation", False):  # record_function spans: their kernels count already
+            continue
         if on_device:
             if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
                 continue

@@ -34,9 +34,18 @@ def attention_backend(name: str):
                           f"which torch {torch.__version__} lacks: upgrade torch or use 'default'")
     first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
-    fallbacks = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                             SDPBackend.MATH) if b != first]
-    with sdpa_kernel([first, *fallbacks], set_priority=True):
+    priority = torch._C._get_sdp_priority_order()
+    current = sorted((b for b in SDPBackend.__members__.values() if int(b) in priority), key=lambda b: priority.index(int(b)))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel([first, *(b for b in current if b != first)], set_priority=True))
+        # the kernel is fixed when AOTAutograd traces a compiled block, and its on-disk cache key
+        # holds neither the priority nor the enabled kernels: a graph traced under another
+        # preference (by an earlier run, or an earlier bench mode) would come back from it
+        if hasattr(torch.compiler.config, "cache_key_tag"):
+            tag = torch.compiler.config.cache_key_tag
+            stack.enter_context(torch.compiler.config.patch(cache_key_tag=f"{tag}-sdpa-{name}" if tag else f"sdpa-{name}"))
+        else:  # older torch: no tag to tell the entries apart
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
         yield
 
 

@@ -36,8 +36,8 @@ each block keeps only its input (T*d) plus one block's activations during its re
 Framework buffers, fragmentation and communication buffers are not counted (add ~10-20%).
 Measured on one H200 (mdlm-1b, compiled blocks, ZeRO-1 on one GPU, dropout 0, no EMA;
 bench/gpu/README.md): peak allocated 38.5 / 53.3 / 83.1 GiB at micro-batch 8 / 16 / 32 x 1024
-against 40.5 / 57.8 / 92.3 estimated here: compiled blocks keep ~14% fewer activation bytes than
-eager autograd, which leaves room for the buffers not counted.
+against 40.5 / 57.8 / 92.3 estimated here (the activation term's slope is ~14% above the measured
+one, with compiled blocks): the estimate stays above the peak, buffers included.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@
 #             on real text from $DATA (a data_prep output with seq_len 1024), micro-batch 8 (the
 #             demo corpus holds ~2,030 sequences: none is seen twice).
 # profile:    where a step's GPU time goes (matmul, FP8 matmul, attention, compiled kernels,
-#             optimizer, ...) for the plain, plain-cudnn, plain-fp8 and deepspeed-fp8 steps at
-#             micro-batch 16.
+#             optimizer, ...) for the plain, plain-cudnn, plain-fp8, deepspeed and deepspeed-fp8
+#             steps at micro-batch 16.
 # attention:  cuDNN's fused attention preferred (train.attention_backend=cudnn) against torch's
 #             default (flash first), bf16 and FP8, at micro-batch 16 x accumulation 4; and the loss
 #             after $LOSS_STEPS steps on real text with each, as in the fp8 suite.
@@ -68,7 +68,7 @@ fi
 if [[ "$SUITE" == profile || "$SUITE" == all ]]; then
   echo "== profile: device time per step by kernel category =="
   bench "${COMMON[@]}" --micro-batch 16 --steps 3 --warmup 3 --profile 3 \
-    --modes plain,plain-cudnn,plain-fp8,deepspeed-fp8 --output "$OUT/profile.json" "$@"
+    --modes plain,plain-cudnn,plain-fp8,deepspeed,deepspeed-fp8 --output "$OUT/profile.json" "$@"
 fi
 if [[ "$SUITE" == attention || "$SUITE" == all ]]; then
   echo "== attention: cuDNN fused attention preferred vs torch's default order =="

@@ -78,12 +78,15 @@ def test_attention_backend_prefers_one_kernel_and_keeps_the_others_as_fallbacks(
     before = sdpa_state()
     with attention_backend(name):
         order, enabled = sdpa_state()
-        assert order[0] == int(first)
+        # the preferred kernel first, the others in torch's own order behind it
+        assert order == [int(first)] + [b for b in before[0] if b != int(first)]
         assert all(enabled)  # shapes the preferred kernel cannot serve still find one
+        # compiled graphs traced under another preference are not taken from the compile cache
+        assert torch.compiler.config.cache_key_tag == f"sdpa-{name}"
         q = torch.randn(2, 4, 16, 8, requires_grad=True)
         torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
         assert q.grad is not None
-    assert sdpa_state() == before
+    assert sdpa_state() == before and torch.compiler.config.cache_key_tag == ""
 
 
 def test_attention_backend_default_changes_nothing_and_unknown_names_are_refused():

@@ -43,7 +43,12 @@ def test_throughput_bench_prints_and_writes_every_mode(tmp_path):
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
     ("aten::mm", "matmul"),
-    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
+     "cutlass::bfloat16_t, Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t>>, false, false>(Flash_fwd_params)",
+     "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k128_sm80(PyTorchMemEffAttention::AttentionBackwardKernel)", "attention"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::"
+     "to_float8_e4m3fn_kernel, std::array<char*, 2ul>>", "fp8 casts (eager)"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
     ("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", "optimizer"),
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
@@ -126,7 +131,7 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert abs(fp8["deepspeed-fp8"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
     assert "plain-fp8 vs plain:" in proc.stdout
     profiled = {r["mode"]: r["profile"] for r in figures["profile.json"]["results"]}
-    assert list(profiled) == ["plain", "plain-cudnn", "plain-fp8", "deepspeed-fp8"]
+    assert list(profiled) == ["plain", "plain-cudnn", "plain-fp8", "deepspeed", "deepspeed-fp8"]
     for mode, p in profiled.items():
         assert p["steps"] == 3 and p["busy_ms_per_step"] > 0
         assert sum(p["categories_ms_per_step"].values()) == pytest.approx(p["busy_ms_per_step"])
@@ -135,6 +140,7 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert "fp8 matmul" not in profiled["plain"]["categories_ms_per_step"]
     assert profiled["plain"]["categories_ms_per_step"]["matmul"] > 0
     assert "top operators:" in proc.stdout and "device ms per step, plain-fp8 minus plain:" in proc.stdout
+    assert "device ms per step, deepspeed-fp8 minus deepspeed:" in proc.stdout
     attention = {r["mode"]: r for r in figures["attention.json"]["results"]}
     assert list(attention) == ["plain", "plain-cudnn", "deepspeed", "deepspeed-cudnn", "deepspeed-fp8",
                                "deepspeed-fp8-cudnn"]
