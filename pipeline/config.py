@@ -22,6 +22,7 @@ class DataConfig:
     # "shard": each rank reads its own shards (scales); "sample": every rank reads every shard and
     # keeps every W-th sample, so the global batches do not depend on the world size.
     split_by: Literal["shard", "sample"] = "shard"
+    check_sha256: bool = True      # each shard's bytes against the manifest's sha256 as it is read
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:

@@ -8,6 +8,7 @@ enough to resume exactly at the next unseen sample, skipping finished shards wit
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -38,10 +39,23 @@ def _no_split(src):
     yield from src
 
 
-def read_shard(url: str) -> list[dict]:
-    """All samples of one shard, in file order, as numpy arrays."""
-    ds = wds.WebDataset(url, shardshuffle=False, nodesplitter=_no_split, workersplitter=_no_split,
-                        empty_check=False)
+class ShardChecksumError(ValueError):
+    pass
+
+
+def read_shard(url: str, sha256: str | None = None) -> list[dict]:
+    """All samples of one shard, in file order, as numpy arrays. With `sha256` (the manifest's),
+    the bytes are checked first: damage that keeps the tar and the token ids valid (a bit flipped
+    in a copy) would otherwise train unnoticed."""
+    if sha256 is None:
+        ds = wds.WebDataset(url, shardshuffle=False, nodesplitter=_no_split, workersplitter=_no_split,
+                            empty_check=False)
+    else:
+        data = Path(url).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            raise ShardChecksumError(f"sha256 of {url} is {digest}, the manifest says {sha256}")
+        ds = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"stream": io.BytesIO(data), "url": url}]))
     out = []
     for sample in ds:
         item = {"key": sample["__key__"], "tokens": np.load(io.BytesIO(sample["tokens.npy"]))}
@@ -89,8 +103,10 @@ class ShardStream:
     read_retry_wait_s = 2.0
 
     def __init__(self, data_dir: str | Path, split: str, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, loop: bool = True, split_by: str = "shard"):
+                 seed: int = 0, shuffle: bool = True, loop: bool = True, split_by: str = "shard",
+                 check_sha256: bool = True):
         self.data_dir = Path(data_dir)
+        self.check_sha256 = check_sha256
         self.manifest = load_manifest(self.data_dir)
         if split not in self.manifest["splits"]:
             raise ValueError(f"split '{split}' not in {self.data_dir}/manifest.json "
@@ -163,7 +179,7 @@ class ShardStream:
         verify = f"run `python -m data_prep verify {self.data_dir}`"
         for attempt in range(1, self.read_tries + 1):
             try:
-                samples = read_shard(url)
+                samples = read_shard(url, shard.get("sha256") if self.check_sha256 else None)
                 break
             except Exception as err:
                 reason = f"{type(err).__name__}: {err}"

@@ -254,7 +254,7 @@ class Trainer:
             log.info("EMA (decay %g): %s", t.ema, self.ema.describe())
 
         self.stream = ShardStream(cfg.data.path, "train", self.dp_rank, self.dp_world, cfg.data.seed, cfg.data.shuffle,
-                                  split_by=cfg.data.split_by)
+                                  split_by=cfg.data.split_by, check_sha256=cfg.data.check_sha256)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank, self.device)
         self.step = 0
         self.tokens_seen = 0

@@ -80,9 +80,9 @@ def test_the_next_shard_is_read_in_the_background_in_the_same_order(markov_data,
     reads = []
     real = data.read_shard
 
-    def recording(url):
+    def recording(url, sha256=None):
         reads.append((url.rsplit("/", 1)[-1], threading.current_thread().name.startswith("shard-prefetch")))
-        return real(url)
+        return real(url, sha256)
 
     # the order the stream promises, built by hand: epoch plan, then each shard's sample order
     reference = ShardStream(markov_data, "train", seed=3)
@@ -115,10 +115,10 @@ import sys, threading, time
 sys.path.insert(0, {str(ROOT)!r})
 from pipeline import data
 real = data.read_shard
-def read(url):
+def read(url, sha256=None):
     if threading.current_thread().name == "shard-prefetch":
         time.sleep(60)
-    return real(url)
+    return real(url, sha256)
 data.read_shard = read
 next(data.batches(data.ShardStream({str(markov_data)!r}, "train"), 4))
 print("done", flush=True)
@@ -134,11 +134,11 @@ def test_a_failed_shard_read_is_retried_then_reported_with_what_to_do(markov_dat
 
     real, failures = data.read_shard, {"left": 1}
 
-    def flaky(url):  # one network hiccup, then the storage answers again
+    def flaky(url, sha256=None):  # one network hiccup, then the storage answers again
         if failures["left"]:
             failures["left"] -= 1
             raise OSError("Stale file handle")
-        return real(url)
+        return real(url, sha256)
 
     expected = keys(ShardStream(markov_data, "val", shuffle=False, loop=False), 64)
     monkeypatch.setattr(data, "read_shard", flaky)
@@ -146,7 +146,7 @@ def test_a_failed_shard_read_is_retried_then_reported_with_what_to_do(markov_dat
     assert keys(ShardStream(markov_data, "val", shuffle=False, loop=False), 64) == expected
     assert "Stale file handle); retrying" in caplog.text
 
-    def gone(url):
+    def gone(url, sha256=None):
         raise OSError("Input/output error")
 
     monkeypatch.setattr(data, "read_shard", gone)
@@ -159,8 +159,8 @@ def test_token_ids_outside_the_vocabulary_are_caught_at_the_shard(markov_data, m
 
     real = data.read_shard
 
-    def damaged(url):
-        samples = real(url)
+    def damaged(url, sha256=None):
+        samples = real(url, sha256)
         samples[5]["tokens"] = samples[5]["tokens"].copy()
         samples[5]["tokens"][3] = 16  # the markov tokenizer has ids 0..15
         return samples
@@ -169,3 +169,30 @@ def test_token_ids_outside_the_vocabulary_are_caught_at_the_shard(markov_data, m
     with pytest.raises(ValueError, match=r"sample \S+ has shape \(32,\) and token ids 0\.\.16, but the manifest "
                                          r"says 32 tokens with ids in 0\.\.15"):
         next(iter(ShardStream(markov_data, "val", shuffle=False, loop=False)))
+
+
+def test_a_shard_damaged_inside_valid_tokens_fails_its_checksum(markov_data, tmp_path, monkeypatch):
+    """One bit flipped in a token (the tar and every id still valid: only the checksum sees it)."""
+    import json
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "data"
+    shutil.copytree(markov_data, copy)
+    shard = json.loads((copy / "manifest.json").read_text())["splits"]["val"]["shards"][0]
+    path = copy / shard["name"]
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("tokens.npy"))
+    raw = bytearray(path.read_bytes())
+    last = member.offset_data + member.size - 1 - (1 if raw[member.offset_data + member.size - 1] == 0 else 0)
+    raw[last] ^= 1  # the last token's low byte: an id of 0..15 stays in 0..15
+    path.write_bytes(bytes(raw))
+    monkeypatch.setattr(ShardStream, "read_retry_wait_s", 0.0)
+    with pytest.raises(OSError, match=rf"ShardChecksumError: sha256 of \S+{shard['name']} is [0-9a-f]{{64}}, the "
+                                      rf"manifest says {shard['sha256']}\), 3 tries; .*data_prep verify"):
+        next(iter(ShardStream(copy, "val", shuffle=False, loop=False)))
+    # without the check the damaged shard reads (and would train) as if nothing happened
+    damaged = list(ShardStream(copy, "val", shuffle=False, loop=False, check_sha256=False))
+    clean = list(ShardStream(markov_data, "val", shuffle=False, loop=False))
+    assert [s["key"] for s in damaged] == [s["key"] for s in clean]
+    assert sum(int((a["tokens"] != b["tokens"]).sum()) for a, b in zip(damaged, clean)) == 1
