@@ -4,7 +4,8 @@ Calls go through a background thread in order; when the tracking server is unrea
 kept and retried with backoff, so a server outage delays metrics instead of losing them. A call
 that keeps failing while the server answers (an artifact store this node cannot write, a rejected
 value) is dropped with a warning after 5 tries (about 30 s of backoff), so it cannot hold back
-the calls behind it.
+the calls behind it. A server that does not answer at start delays the run itself the same way:
+it is opened (or reopened) once the server answers, and the calls queued meanwhile follow.
 """
 from __future__ import annotations
 
@@ -35,36 +36,11 @@ class Tracker:
 
         self.mlflow = mlflow
         self.uri = uri
-        mlflow.set_tracking_uri(uri)
-        from mlflow.exceptions import MlflowException
-
-        self.run = None
-        if run_id:
-            try:
-                usable = mlflow.tracking.MlflowClient(uri).get_run(run_id).info.lifecycle_stage != "deleted"
-            except MlflowException as err:  # unreachable servers raise other errors: no tracking then
-                if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                    raise
-                usable = False
-            if usable:
-                self.run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
-            else:
-                log.warning("MLflow run %s of the checkpoint is not in %s (tracked elsewhere before, or "
-                            "deleted): this run continues in a new MLflow run", run_id, uri)
-        if self.run is None:
-            # A new experiment on a local store keeps its artifacts next to the store, not in
-            # ./mlruns of whatever directory the job happened to start in.
-            if mlflow.get_experiment_by_name(experiment) is None:
-                location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
-                try:
-                    mlflow.create_experiment(experiment, artifact_location=location)
-                except MlflowException as err:  # another job created it in the meantime
-                    if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
-            mlflow.set_experiment(experiment)
-            self.run = mlflow.start_run(run_name=run_name or None, log_system_metrics=False)
-        self.run_id = self.run.info.run_id
         self.client = mlflow.tracking.MlflowClient(uri)
+        self.experiment, self.run_name, self.artifact_dir = experiment, run_name, artifact_dir
+        self.resume_id = run_id
+        self.run_id: str | None = None    # once the run is open in the store
+        self.new_run: bool | None = None  # False when the checkpoint's run was reopened
         self.max_pending = max_pending
         self.retry_wait_s, self.max_wait_s = retry_wait_s, max_wait_s
         self.failures = 0      # calls that failed at least once
@@ -74,14 +50,61 @@ class Tracker:
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._disabled = False
+        try:
+            self._open()
+        except Exception as err:
+            if self._server_answers():  # the store answers and refuses: a setup error, raised as such
+                raise
+            # an unreachable server at start delays the run, as an outage later delays metrics
+            log.warning("MLflow at %s does not answer (%s): training goes on; the run is opened and every "
+                        "queued call delivered once it answers", uri, _reason(err))
+            self._queue.append(("open the run", self._open, (), {}))
         self._worker = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
         self._worker.start()
         self.last_step = start_step  # a resumed run's system metrics go on at its step, not at 0
         self.system = SystemMetrics(self, system_metrics_interval_s) if system_metrics else None
 
+    def _open(self) -> None:
+        """Reopen the checkpoint's run, or create a new one (and its experiment)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking.context.registry import resolve_tags
+
+        if self.resume_id:
+            try:
+                usable = self.client.get_run(self.resume_id).info.lifecycle_stage != "deleted"
+            except MlflowException as err:  # unreachable servers raise other errors: retried then
+                if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    raise
+                usable = False
+            if usable:
+                self.client.update_run(self.resume_id, status="RUNNING")
+                self.run_id, self.new_run = self.resume_id, False
+                return
+            log.warning("MLflow run %s of the checkpoint is not in %s (tracked elsewhere before, or "
+                        "deleted): this run continues in a new MLflow run", self.resume_id, self.uri)
+            self.resume_id = None
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            # A new experiment on a local store keeps its artifacts next to the store, not in
+            # ./mlruns of whatever directory the job happened to start in.
+            location = Path(self.artifact_dir).resolve().as_uri() if self.artifact_dir else None
+            try:
+                experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+            except MlflowException as err:  # another job created it in the meantime
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        run = self.client.create_run(experiment_id, tags=resolve_tags(), run_name=self.run_name or None)
+        self.run_id, self.new_run = run.info.run_id, True
+
     # ---- background delivery -------------------------------------------------------------
     def _submit(self, what: str, fn, *args, **kwargs) -> None:
         with self._cond:
+            if self._disabled:
+                return
             if len(self._queue) >= self.max_pending:
                 # the oldest after the head: the worker may be delivering the head right now
                 del self._queue[1 if len(self._queue) > 1 else 0]
@@ -91,9 +114,17 @@ class Tracker:
             self._queue.append((what, fn, args, kwargs))
             self._cond.notify()
 
+    def _on_run(self, fn, *args, new_run_only: bool = False, **kwargs) -> None:
+        """fn(run_id, ...), with the run id known when the call is delivered (the run may open late)."""
+        if not new_run_only or self.new_run:
+            fn(self.run_id, *args, **kwargs)
+
     def _server_answers(self) -> bool:
         try:
-            self.client.get_run(self.run_id)
+            if self.run_id:
+                self.client.get_run(self.run_id)
+            else:
+                self.client.search_experiments(max_results=1)
             return True
         except Exception:
             return False
@@ -112,17 +143,22 @@ class Tracker:
                 fn(*args, **kwargs)
             except Exception as err:
                 self.failures += 1
-                reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+                reason = _reason(err)
                 if self._server_answers():
                     tries += 1
                     if tries >= self.max_tries:  # the call itself fails, not the server: let the rest through
                         self.rejected += 1
-                        log.warning("MLflow %s failed %d times while %s answers (%s): dropped; later tracking "
-                                    "calls go on", what, tries, self.uri, reason)
                         tries, wait = 0, self.retry_wait_s
                         with self._cond:
                             self._queue.popleft()
+                            if self.run_id is None:  # no run to log to: tracking stops here
+                                self.rejected += len(self._queue)
+                                self._queue.clear()
+                                self._disabled = True
                             self._cond.notify_all()
+                        log.warning("MLflow %s failed %d times while %s answers (%s): dropped; %s", what,
+                                    self.max_tries, self.uri, reason,
+                                    "no tracking for this run" if self._disabled else "later tracking calls go on")
                         continue
                 # the server is down or slow, or the call may succeed on a retry: keep it
                 log.warning("MLflow %s failed (%s); retrying in %.0fs, training continues", what, reason, wait)
@@ -150,13 +186,15 @@ class Tracker:
             return not self._queue
 
     # ---- the API the trainer uses ------------------------------------------------------
-    def log_params(self, params: dict) -> None:
+    def log_params(self, params: dict, new_run_only: bool = False) -> None:
+        """new_run_only: logged only if the run was created here, not reopened from a checkpoint."""
         clean = {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in clean.items()]
         for i in range(0, len(items), 100):  # the REST API takes at most 100 params per batch
-            self._submit("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._submit("log_params", self._on_run, self.client.log_batch, params=items[i:i + 100],
+                         new_run_only=new_run_only)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
@@ -164,14 +202,15 @@ class Tracker:
         now = int(time.time() * 1000)
         self.last_step = max(self.last_step, step)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._submit("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+        self._submit("log_metrics", self._on_run, self.client.log_batch, metrics=items)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._submit("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, new_run_only: bool = False) -> None:
+        self._submit("log_artifact", self._on_run, self.client.log_artifact, str(path), artifact_path,
+                     new_run_only=new_run_only)
 
     def set_tags(self, tags: dict) -> None:
         for key, value in tags.items():
-            self._submit("set_tag", self.client.set_tag, self.run_id, key, str(value))
+            self._submit("set_tag", self._on_run, self.client.set_tag, key, str(value))
 
     _deadline: float | None = None
 
@@ -179,7 +218,7 @@ class Tracker:
         """Deliver what is queued (up to timeout_s), then close the run. False if calls were lost."""
         if self.system is not None:
             self.system.stop()
-        self._submit("set_terminated", self.client.set_terminated, self.run_id, status)
+        self._submit("set_terminated", self._on_run, self.client.set_terminated, status)
         delivered = self.flush(timeout_s)
         with self._cond:
             self._closing = True
@@ -187,11 +226,11 @@ class Tracker:
             self._cond.notify_all()
         if not delivered:
             log.warning("MLflow: %d tracking calls could not be delivered to %s", len(self._queue), self.uri)
-        try:
-            self.mlflow.end_run(status=status)
-        except Exception as err:
-            log.warning("MLflow end_run failed (%s)", err)
-        return delivered and self.dropped == 0 and self.rejected == 0
+        return delivered and self.dropped == 0 and self.rejected == 0 and not self._disabled
+
+
+def _reason(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
 class SystemMetrics:

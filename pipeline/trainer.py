@@ -345,13 +345,14 @@ class Trainer:
         except Exception as err:
             log.warning("MLflow tracking unavailable at %s (%s): continuing without it", uri, err)
             return None
-        if tracker.run_id != self.mlflow_run_id:  # a new MLflow run (a resume whose run is not in this store, too)
-            tracker.log_params(flatten(to_dict(self.cfg)))
-            tracker.log_params({"derived.n_params": self.n_params, "derived.world_size": self.world,
-                                "derived.grad_accum": self.grad_accum, "derived.seq_len": self.seq_len})
-            tracker.log_artifact(self.run_dir / "config.yaml")
-            tracker.log_artifact(Path(self.cfg.data.path) / "manifest.json")
-        self.mlflow_run_id = tracker.run_id
+        # a new MLflow run (also a resume whose run is not in this store) gets the config; the run
+        # may open only later, when a server that does not answer now comes back
+        tracker.log_params(flatten(to_dict(self.cfg)), new_run_only=True)
+        tracker.log_params({"derived.n_params": self.n_params, "derived.world_size": self.world,
+                            "derived.grad_accum": self.grad_accum, "derived.seq_len": self.seq_len}, new_run_only=True)
+        tracker.log_artifact(self.run_dir / "config.yaml", new_run_only=True)
+        tracker.log_artifact(Path(self.cfg.data.path) / "manifest.json", new_run_only=True)
+        self.mlflow_run_id = tracker.run_id or self.mlflow_run_id
         return tracker
 
     # ---- checkpoint state ----------------------------------------------------------------
@@ -367,7 +368,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         per_rank = self._gather({"data": self.stream.state_dict(), "rng": rng})
-        if self.rank == 0 and self.mlflow_run_id is None and self.tracker is not None:
+        if self.rank == 0 and self.tracker is not None and self.tracker.run_id:  # it may have opened late
             self.mlflow_run_id = self.tracker.run_id
         return {
             "step": self.step,
@@ -706,7 +707,7 @@ class Trainer:
                     samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")
                 summary.update(unigram=unigram, conventions=conventions(self.manifest, self.cfg.model.objective),
                                samples=str(samples_path) if texts else None, checkpoints=str(self.checkpoints.root),
-                               mlflow_run_id=self.mlflow_run_id,
+                               mlflow_run_id=(self.tracker and self.tracker.run_id) or self.mlflow_run_id,
                                tracking_uri=self.tracker.uri if self.tracker else None)
                 out = self.run_dir / "final_eval.json"
                 tmp = out.with_suffix(".tmp")

@@ -94,14 +94,47 @@ def test_training_survives_a_server_outage_and_delivers_every_metric(markov_data
     assert "samples" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_unreachable_tracking_server_does_not_stop_training(markov_data, tmp_path):
-    dead = f"http://127.0.0.1:{free_port()}"
-    out = run_single(tmp_path, markov_data, "train.max_steps=3", "eval.max_batches=1",
-                     env_extra={"MLFLOW_TRACKING_URI": dead})
-    text = out.stdout + out.stderr
-    assert "MLflow tracking unavailable" in text
-    assert "TRAIN_SUMMARY" in text
-    assert (tmp_path / "checkpoints" / "step00000003" / "COMPLETE").is_file()
+def test_a_server_down_at_start_gets_the_whole_run_once_it_answers(markov_data, tmp_path, monkeypatch):
+    """The tracking server is down when training starts (restarting, say): training goes on, and
+    once the server answers the run is created with its params and every metric since step 1."""
+    srv = MlflowServer(tmp_path / "store", free_port())
+    (tmp_path / "store").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
+    proc = start_training(tmp_path / "run", markov_data, "train.max_steps=60", "train.log_every=1",
+                          "train.checkpoint_every=0", "eval.max_batches=1")
+    try:
+        lines = wait_for_line(proc, "does not answer")
+        lines += wait_for_line(proc, "step 3/60")  # training did not wait for the server
+        srv.start()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        srv.stop()
+    assert proc.returncode == 0, "".join(lines) + out
+    srv.start()
+    try:
+        client = MlflowClient(srv.uri)
+        run = client.search_runs(client.get_experiment_by_name("mdlm-pretrain").experiment_id)[0]
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+        assert steps == list(range(1, 61))
+        assert run.data.params["train.max_steps"] == "60" and run.info.status == "FINISHED"
+        assert {"config.yaml", "manifest.json", "samples"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    finally:
+        srv.stop()
+
+
+def test_a_server_that_never_answers_costs_training_nothing(tmp_path, in_process_mlflow):
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", "exp", retry_wait_s=0.05, max_wait_s=0.1)
+    assert tracker.run_id is None  # not opened, not raised
+    start = time.time()
+    for step in range(1, 6):
+        tracker.log_metrics({"train/loss": 1.0}, step)
+    tracker.log_params({"a": 1}, new_run_only=True)
+    assert time.time() - start < 1.0  # queued, not sent from the training thread
+    assert tracker.end(timeout_s=2) is False  # undelivered, and said so
+    assert time.time() - start < 20
 
 
 def test_system_metrics_reach_the_run(markov_data, tmp_path):
@@ -141,9 +174,8 @@ def test_system_sampler_reports_cpu_and_memory_through_the_tracker_queue():
 
 @pytest.fixture
 def in_process_mlflow(monkeypatch):
-    """A Tracker in the test process sets MLflow's process-wide state (tracking URI, experiment,
-    HTTP settings, also as environment variables that later tests' trainings would inherit):
-    put it all back afterwards."""
+    """A Tracker in the test process sets MLflow's HTTP settings as environment variables, which
+    later tests' trainings would inherit, and the tests may set more: put it all back afterwards."""
     import mlflow
     import mlflow.tracking.fluent as fluent
 
