@@ -43,19 +43,43 @@ class ShardChecksumError(ValueError):
     pass
 
 
+class _HashingReader(io.RawIOBase):
+    """A file read through once, sha256 updated with every byte that passes."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        if n:
+            self.sha256.update(memoryview(buffer)[:n])
+        return n
+
+
 def read_shard(url: str, sha256: str | None = None) -> list[dict]:
     """All samples of one shard, in file order, as numpy arrays. With `sha256` (the manifest's),
-    the bytes are checked first: damage that keeps the tar and the token ids valid (a bit flipped
-    in a copy) would otherwise train unnoticed."""
+    the bytes are hashed as they are parsed and checked before any sample is returned: damage
+    that keeps the tar and the token ids valid (a bit flipped in a copy) would otherwise train
+    unnoticed."""
     if sha256 is None:
-        ds = wds.WebDataset(url, shardshuffle=False, nodesplitter=_no_split, workersplitter=_no_split,
-                            empty_check=False)
-    else:
-        data = Path(url).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sha256:
-            raise ShardChecksumError(f"sha256 of {url} is {digest}, the manifest says {sha256}")
-        ds = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"stream": io.BytesIO(data), "url": url}]))
+        return _samples(wds.WebDataset(url, shardshuffle=False, nodesplitter=_no_split, workersplitter=_no_split,
+                                       empty_check=False))
+    with open(url, "rb") as f:
+        reader = _HashingReader(f)
+        samples = _samples(wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander([{"stream": io.BufferedReader(reader, 1 << 20), "url": url}])))
+        while reader.read(1 << 20):  # the tar's end padding
+            pass
+    digest = reader.sha256.hexdigest()
+    if digest != sha256:
+        raise ShardChecksumError(f"sha256 of {url} is {digest}, the manifest says {sha256}")
+    return samples
+
+
+def _samples(ds) -> list[dict]:
     out = []
     for sample in ds:
         item = {"key": sample["__key__"], "tokens": np.load(io.BytesIO(sample["tokens.npy"]))}

@@ -61,7 +61,7 @@ def _all_reduce(values: list[float], device) -> list[float]:
 def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str, batch_size: int,
                         time_samples: int = 4, max_batches: int = 0, seed: int = 0,
                         rank: int = 0, world_size: int = 1, device=None,
-                        discrete_steps: int = 0) -> dict:
+                        discrete_steps: int = 0, check_sha256: bool = True) -> dict:
     """exp(NELBO per token) for MDLM, exact perplexity for AR, over a deterministic pass of `split`,
     split across ranks; the standard error comes from the K draws per sequence."""
     if isinstance(model, MDLM) and time_samples < 2:
@@ -72,7 +72,8 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
     model.eval()
     # every rank reads the (small) eval split and keeps every W-th sample: the evaluated set is
     # the first samples of the split in file order, whatever the world size
-    stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False, split_by="sample")
+    stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False, split_by="sample",
+                         check_sha256=check_sha256)
     total, var, tokens, seqs = 0.0, 0.0, 0.0, 0
     for i, (x0, valid, keys) in enumerate(batches(stream, batch_size, drop_last=False)):
         if max_batches and i >= max_batches:
@@ -109,7 +110,8 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
     return result
 
 
-def token_counts(data_dir: str | Path, split: str, vocab: int, max_samples: int = 0) -> np.ndarray:
+def token_counts(data_dir: str | Path, split: str, vocab: int, max_samples: int = 0,
+                 check_sha256: bool = True) -> np.ndarray:
     counts = np.zeros(vocab, dtype=np.int64)
     pending: list[np.ndarray] = []
 
@@ -118,7 +120,7 @@ def token_counts(data_dir: str | Path, split: str, vocab: int, max_samples: int 
             counts[:] += np.bincount(np.concatenate(pending).astype(np.int64), minlength=vocab)[:vocab]
             pending.clear()
 
-    stream = ShardStream(data_dir, split, shuffle=False, loop=False)
+    stream = ShardStream(data_dir, split, shuffle=False, loop=False, check_sha256=check_sha256)
     held = 0
     for i, sample in enumerate(stream):
         if max_samples and i >= max_samples:
@@ -141,7 +143,8 @@ UNIGRAM_TRAIN_TOKENS = 2**24
 
 
 def unigram_perplexity(data_dir: str | Path, eval_split: str = "val", train_split: str = "train",
-                       max_train_samples: int | None = None, max_eval_samples: int = 0) -> dict:
+                       max_train_samples: int | None = None, max_eval_samples: int = 0,
+                       check_sha256: bool = True) -> dict:
     """Perplexity of the eval tokens under the add-one-smoothed unigram of the train tokens (the
     first UNIGRAM_TRAIN_TOKENS of them unless `max_train_samples` says otherwise; 0 = all): the bar
     a model must clear to show it uses context."""
@@ -149,10 +152,10 @@ def unigram_perplexity(data_dir: str | Path, eval_split: str = "val", train_spli
     vocab = int(manifest["tokenizer"]["vocab_size"])
     if max_train_samples is None:
         max_train_samples = -(-UNIGRAM_TRAIN_TOKENS // int(manifest["seq_len"]))
-    train_counts = token_counts(data_dir, train_split, vocab, max_train_samples)
+    train_counts = token_counts(data_dir, train_split, vocab, max_train_samples, check_sha256)
     train = train_counts.astype(np.float64) + 1.0
     log_p = np.log(train / train.sum())
-    evals = token_counts(data_dir, eval_split, vocab, max_eval_samples)
+    evals = token_counts(data_dir, eval_split, vocab, max_eval_samples, check_sha256)
     nll = -(evals * log_p).sum() / evals.sum()
     return {"unigram_nll": float(nll), "unigram_ppl": float(math.exp(nll)), "unigram_tokens": int(evals.sum()),
             "unigram_train_tokens": int(train_counts.sum())}

@@ -585,7 +585,8 @@ class Trainer:
         e = self.cfg.eval
         result = evaluate_likelihood(self.eval_model(), self.cfg.data.path, self.cfg.data.eval_split,
                                      e.batch_size or self.cfg.data.micro_batch_size, e.time_samples,
-                                     e.max_batches, e.seed, self.rank, self.world, self.device)
+                                     e.max_batches, e.seed, self.rank, self.world, self.device,
+                                     check_sha256=self.cfg.data.check_sha256)
         return result
 
     def sample(self, model: torch.nn.Module | None = None) -> list[str]:
@@ -699,7 +700,8 @@ class Trainer:
             try:
                 e = self.cfg.eval
                 unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split, max_eval_samples=(
-                    e.max_batches * (e.batch_size or self.cfg.data.micro_batch_size) * self.world))
+                    e.max_batches * (e.batch_size or self.cfg.data.micro_batch_size) * self.world),
+                    check_sha256=self.cfg.data.check_sha256)
                 texts = self.sample(sample_model)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 samples_path = self.run_dir / "samples.txt"

@@ -196,3 +196,9 @@ def test_a_shard_damaged_inside_valid_tokens_fails_its_checksum(markov_data, tmp
     clean = list(ShardStream(markov_data, "val", shuffle=False, loop=False))
     assert [s["key"] for s in damaged] == [s["key"] for s in clean]
     assert sum(int((a["tokens"] != b["tokens"]).sum()) for a, b in zip(damaged, clean)) == 1
+    # evaluation reads the same shards under the same setting
+    from pipeline.evaluate import token_counts
+
+    with pytest.raises(OSError, match="ShardChecksumError"):
+        token_counts(copy, "val", 16)
+    assert token_counts(copy, "val", 16, check_sha256=False).sum() == token_counts(markov_data, "val", 16).sum()
