@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from model.config import model_config  # noqa: E402
+from model.layers import TorchLayers  # noqa: E402
 from model.mdlm import build_model  # noqa: E402
 from model.noise import stratified_times  # noqa: E402
 from pipeline import metrics  # noqa: E402
@@ -51,6 +52,8 @@ def parse_args(argv=None):
                    help="comma list of plain or deepspeed (bf16 weights, fp32 master), each with optional "
                         "suffixes: -fp8, -full (the output head on every position, not only the masked "
                         "ones), -cudnn (cuDNN's fused attention preferred: train.attention_backend=cudnn), "
+                        "-unaligned (the output head's matmuls on its unpadded weight, as before "
+                        "model/layers.py padded it), "
                         "and for deepspeed -bf16grad (gradients accumulated and reduced in bf16, not fp32) "
                         "or -mixed (fp32 weights under autocast); e.g. deepspeed-fp8-cudnn")
     p.add_argument("--zero-stage", type=int, default=1, help="default: that of configs/train/mdlm-1b-h100.yaml")
@@ -114,14 +117,15 @@ def run_config(args, cfg_model) -> RunConfig:
     return cfg
 
 
-MODE_FLAGS = {"plain": {"fp8", "full", "cudnn"}, "deepspeed": {"fp8", "full", "cudnn", "bf16grad", "mixed"}}
+MODE_FLAGS = {"plain": {"fp8", "full", "cudnn", "unaligned"},
+              "deepspeed": {"fp8", "full", "cudnn", "unaligned", "bf16grad", "mixed"}}
 
 
 def mode_parts(mode: str) -> tuple[str, set]:
     """'deepspeed-fp8-cudnn' -> ('deepspeed', {'fp8', 'cudnn'})."""
     kind, *flags = mode.split("-")
     if kind not in MODE_FLAGS or not set(flags) <= MODE_FLAGS[kind] or len(set(flags)) < len(flags):
-        raise ValueError(f"unknown mode '{mode}': plain with -fp8/-full/-cudnn, or deepspeed with those "
+        raise ValueError(f"unknown mode '{mode}': plain with -fp8/-full/-cudnn/-unaligned, or deepspeed with those "
                          f"or -bf16grad/-mixed (see --help)")
     if {"fp8", "mixed"} <= set(flags):
         raise ValueError(f"mode '{mode}': -fp8 and -mixed exclude each other")
@@ -133,7 +137,7 @@ def build(args, mode: str, device):
     torch.manual_seed(0)
     cfg_model = model_config(args.preset, vocab_size=args.vocab_size, dropout=0.0,
                              masked_logits_only="full" not in flags)
-    model = build_model(cfg_model)
+    model = build_model(cfg_model, TorchLayers(head_multiple=1) if "unaligned" in flags else None)
     fp8 = FP8Config(backend=args.fp8_backend,
                     recipe=args.fp8_recipe or ("tensorwise" if args.fp8_backend == "torchao" else "delayed"))
     if "fp8" in flags:
@@ -252,14 +256,16 @@ def _measure(args, mode: str, device, model, step) -> dict:
 
 
 # Where a step's device time goes, by kernel name (GPU) or operator name (CPU); first match wins.
-# Attention comes first: flash kernels carry cutlass types in their template arguments.
+# Attention comes first: flash kernels carry cutlass types in their template arguments; then
+# Inductor's kernels, whose names list the fused ops (triton_poi_fused__scaled_mm_... is a cast).
+# cuBLAS names FP8 GEMMs nvjet_sm90_qqtst_... / _qrtst_... (e4m3 x e4m3, e4m3 x e5m2), bf16 nvjet_sm90_tst_...
 TIME_CATEGORIES = (
     ("attention", r"pytorch_flash|flash_fwd|flash_bwd|fmha|sdpa|attention|scaled_dot_product"),
-    ("fp8 matmul", r"nvjet_qq|(gemm|xmma|cutlass).*(e4m3|e5m2)|f8f8|scaled_mm"),  # cuBLAS: nvjet_qq* = FP8
+    ("compiled (triton)", r"triton"),
+    ("fp8 matmul", r"nvjet_(sm\d+a?_)?[qr][qr]|(gemm|xmma|cutlass).*(e4m3|e5m2)|f8f8|scaled_mm"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm|matmul|linear)$"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("communication", r"nccl|all_?reduce|reduce_scatter|all_?gather|broadcast"),
-    ("compiled (triton)", r"triton"),
     ("fp8 casts (eager)", r"e4m3|e5m2|float8"),
     ("copy/fill", r"memcpy|memset|aten::copy_|aten::fill_|aten::zero_"),
 )

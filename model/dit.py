@@ -167,10 +167,11 @@ class DiT(nn.Module):
         rotary = self.rotary(tokens.shape[1], tokens.device)
         for block in self.blocks:
             x = block(x, cond, rotary)
+        # contiguous: the head may return a view that cuts off its padding (model/layers.py)
         if index is None:
-            return self.final(x, cond).float()
+            return self.final(x, cond).float().contiguous()
         x = x.reshape(-1, x.shape[-1]).index_select(0, index)
-        return self.final(x, cond, index // tokens.shape[1]).float()
+        return self.final(x, cond, index // tokens.shape[1]).float().contiguous()
 
 
 def is_conditioning(module_name: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,4 +38,37 @@ class LayerFactory:
 
 
 class TorchLayers(LayerFactory):
+    """Plain torch layers; the output head computes on a weight padded to `head_multiple` rows."""
     name = "torch"
+
+    def __init__(self, head_multiple: int = 128):
+        self.head_multiple = head_multiple
+
+    def linear(self, in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:
+        if role == "output" and out_features % self.head_multiple:
+            return AlignedHeadLinear(in_features, out_features, bias=bias, multiple=self.head_multiple)
+        return super().linear(in_features, out_features, bias, role)
+
+
+class AlignedHeadLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state dict) whose matmuls run on its weight padded with
+    zero rows to a multiple of `multiple` output features, the padded outputs cut off.
+
+    With an odd vocabulary (GPT-2's 50257 + [MASK] = 50258) the logits' row stride is 4-byte
+    aligned only, and cuBLAS falls back to slow unaligned kernels for the head's three matmuls:
+    on one H200 they ran at ~250 TFLOP/s, 8% of an mdlm-1b step (bench/gpu/README.md). The pad
+    costs one copy of the (bf16) weight per forward and nothing in the checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, multiple: int = 128):
+        super().__init__(in_features, out_features, bias=bias)
+        self.padded_features = -(-out_features // multiple) * multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):  # pad the bf16 copy, not the fp32 master
+            dtype = torch.get_autocast_dtype(x.device.type)
+            weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+        pad = self.padded_features - self.out_features
+        weight = F.pad(weight, (0, 0, 0, pad))
+        bias = F.pad(bias, (0, pad)) if bias is not None else None
+        return F.linear(x, weight, bias)[..., :self.out_features]

@@ -38,6 +38,14 @@ def test_throughput_bench_prints_and_writes_every_mode(tmp_path):
 
 @pytest.mark.parametrize("name, category", [
     ("nvjet_qqtst_128x256_128x6_2x1_2cta_v_bz_TNT", "fp8 matmul"),
+    # names measured on one H200 (torch 2.11, cu130)
+    ("nvjet_sm90_qqtst_192x192_128x4_2x1_v_bz_coopB_TNN", "fp8 matmul"),
+    ("nvjet_sm90_qrtst_128x160_128x5_1x2_h_bz_coopA_algo2_TNT", "fp8 matmul"),
+    ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_tn_align2>(cutlass_80_"
+     "tensorop_bf16_s16816ge", "matmul"),
+    ("triton_poi_fused__scaled_mm__to_copy_abs_add_clamp_clone_gelu_gelu_backward_mul_reciprocal_split_t_"
+     "unsqueeze_view_7", "compiled (triton)"),
     ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128", "fp8 matmul"),
     ("aten::_scaled_mm", "fp8 matmul"),
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
