@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def parse_args(argv=None):
                         "-unaligned (the output head's matmuls on its unpadded weight, as before "
                         "model/layers.py padded it), "
                         "and for deepspeed -bf16grad (gradients accumulated and reduced in bf16, not fp32) "
-                        "or -mixed (fp32 weights under autocast); e.g. deepspeed-fp8-cudnn")
+                        "or -mixed (fp32 weights under autocast) or -immediate (DeepSpeed's "
+                        "bf16.immediate_grad_update: fp32 gradients accumulated in the backward hooks, "
+                        "not after the backward); e.g. deepspeed-fp8-cudnn")
     p.add_argument("--zero-stage", type=int, default=1, help="default: that of configs/train/mdlm-1b-h100.yaml")
     p.add_argument("--ds-config", default="",
                    help="DeepSpeed JSON merged under the generated config (default: configs/deepspeed/"
@@ -118,7 +121,7 @@ def run_config(args, cfg_model) -> RunConfig:
 
 
 MODE_FLAGS = {"plain": {"fp8", "full", "cudnn", "unaligned"},
-              "deepspeed": {"fp8", "full", "cudnn", "unaligned", "bf16grad", "mixed"}}
+              "deepspeed": {"fp8", "full", "cudnn", "unaligned", "bf16grad", "mixed", "immediate"}}
 
 
 def mode_parts(mode: str) -> tuple[str, set]:
@@ -126,7 +129,7 @@ def mode_parts(mode: str) -> tuple[str, set]:
     kind, *flags = mode.split("-")
     if kind not in MODE_FLAGS or not set(flags) <= MODE_FLAGS[kind] or len(set(flags)) < len(flags):
         raise ValueError(f"unknown mode '{mode}': plain with -fp8/-full/-cudnn/-unaligned, or deepspeed with those "
-                         f"or -bf16grad/-mixed (see --help)")
+                         f"or -bf16grad/-mixed/-immediate (see --help)")
     if {"fp8", "mixed"} <= set(flags):
         raise ValueError(f"mode '{mode}': -fp8 and -mixed exclude each other")
     return kind, set(flags)
@@ -156,6 +159,12 @@ def build(args, mode: str, device):
             cfg.train.precision = "bf16-mixed" if args.precision == "bf16" else "fp32"
         if "bf16grad" in flags:
             cfg.train.grad_precision = "bf16"
+        if "immediate" in flags:  # BF16_Optimizer: fp32 gradients updated in the backward hooks
+            ds_json = json.loads(Path(cfg.train.deepspeed_config).read_text()) if cfg.train.deepspeed_config else {}
+            ds_json.setdefault("bf16", {})["immediate_grad_update"] = True
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump(ds_json, f)
+            cfg.train.deepspeed_config = f.name
         engine, _ = make_engine(model, cfg, int(os.environ.get("WORLD_SIZE", "1")), device)
 
         def step(x0, t, u):

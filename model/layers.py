@@ -37,11 +37,16 @@ class LayerFactory:
         return n_heads // self.tensor_parallel_size
 
 
+# The output head's width is padded to a multiple of this (of this x TP under tensor parallelism):
+# cuBLAS needs 16-byte aligned rows for its fast kernels, and tiles of 128 waste nothing.
+HEAD_MULTIPLE = 128
+
+
 class TorchLayers(LayerFactory):
     """Plain torch layers; the output head computes on a weight padded to `head_multiple` rows."""
     name = "torch"
 
-    def __init__(self, head_multiple: int = 128):
+    def __init__(self, head_multiple: int = HEAD_MULTIPLE):
         self.head_multiple = head_multiple
 
     def linear(self, in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:

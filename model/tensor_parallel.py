@@ -14,8 +14,10 @@ tensor-parallel size. Sharding by role:
   embedding          VocabParallelEmbedding
   anything else      plain torch (replicated: norms, adaLN, timestep MLP)
 
-The vocabulary is padded to a multiple of TP for the embedding and the output head; padded
-logits are cut off before anyone sees them and padded rows never get a gradient.
+The vocabulary is padded to a multiple of TP for the embedding and of 128 x TP for the output
+head (whose per-rank matmuls then run on aligned, full tiles: model/layers.py); padded logits are
+cut off before anyone sees them and padded rows never get a gradient. Checkpoints hold the
+unpadded tensors once merged (pipeline/convert_tp.py).
 
 Initialisation: each sharded layer is first built as the plain torch layer (drawing from the
 same RNG stream, in the same order, as the plain model), then this rank's slice is copied into
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 
 from .dit import is_conditioning
-from .layers import LayerFactory
+from .layers import HEAD_MULTIPLE, LayerFactory
 
 COLUMN_ROLES = ("attn_qkv", "mlp_in", "output")
 ROW_ROLES = ("attn_out", "mlp_out")
@@ -49,19 +51,21 @@ def padded_size(size: int, multiple: int) -> int:
 # ---- sharding specs ----------------------------------------------------------------------------
 # A spec says how one full tensor maps to TP shards: split along `dim`, after cutting it into
 # `chunks` equal parts (qkv: 3), each part split evenly over the ranks; `size` is the full
-# (unpadded) extent along `dim`; the padded extent is a multiple of TP (only for chunks == 1).
+# (unpadded) extent along `dim`; the padded extent is a multiple of `multiple` x TP (only for
+# chunks == 1).
 
-def _spec(dim: int, chunks: int, size: int) -> dict:
-    return {"dim": dim, "chunks": chunks, "size": size}
+def _spec(dim: int, chunks: int, size: int, multiple: int = 1) -> dict:
+    return {"dim": dim, "chunks": chunks, "size": size, "multiple": multiple}
 
 
 def shard_tensor(full: torch.Tensor, spec: dict, rank: int, tp: int) -> torch.Tensor:
     dim, chunks, size = spec["dim"], spec["chunks"], spec["size"]
     if full.shape[dim] != size:
         raise ValueError(f"tensor has {full.shape[dim]} along dim {dim}, the spec says {size}")
-    if chunks == 1 and size % tp:
+    padded = padded_size(size, tp * spec.get("multiple", 1))
+    if chunks == 1 and padded != size:
         pad = list(full.shape)
-        pad[dim] = padded_size(size, tp) - size
+        pad[dim] = padded - size
         full = torch.cat([full, full.new_zeros(pad)], dim=dim)
     parts = full.chunk(chunks, dim=dim)
     return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim).clone()
@@ -275,10 +279,11 @@ class MegatronTPLayers(LayerFactory):
                 raise ValueError(f"{role}: {out_features // chunks} features do not split over TP={tp}")
             if role != "output" and out_features % tp:
                 raise ValueError(f"{role}: {out_features} features do not split over TP={tp}")
-            specs = {"weight": _spec(0, chunks, out_features)}
+            multiple = HEAD_MULTIPLE if role == "output" else 1
+            specs = {"weight": _spec(0, chunks, out_features, multiple)}
             if bias:
-                specs["bias"] = _spec(0, chunks, out_features)
-            width = padded_size(out_features, tp) if role == "output" else out_features
+                specs["bias"] = _spec(0, chunks, out_features, multiple)
+            width = padded_size(out_features, tp * multiple)
             if self.use_te and role != "output":  # pragma: no cover - GPU only
                 column, _ = _te_layers()
                 layer = column(in_features, width, config=self._te_config(), init_method=_no_init,

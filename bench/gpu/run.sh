@@ -4,7 +4,8 @@
 # throughput: mdlm-1b at micro-batch 16 x 1024 and accumulation 4 (configs/train/mdlm-1b-h100.yaml),
 #             the project's DeepSpeed step (ZeRO-1; bf16 weights with fp32 or bf16 gradients, and
 #             bf16-mixed) against a plain PyTorch step (compiled blocks, fused AdamW), same
-#             micro-batch and accumulation; the output head on its unpadded weight (-unaligned,
+#             micro-batch and accumulation; DeepSpeed's bf16.immediate_grad_update (-immediate:
+#             fp32 gradients accumulated in the backward hooks); the output head on its unpadded weight (-unaligned,
 #             as before model/layers.py padded it); and the plain step with the output head on
 #             every position (plain-full) against masked-only.
 # fp8:        bf16 against FP8 (torchao), plain and DeepSpeed, with the loss after $LOSS_STEPS steps
@@ -59,7 +60,7 @@ bench() {  # a failing run (e.g. out of memory) must not cost the figures of the
 if [[ "$SUITE" == throughput || "$SUITE" == all ]]; then
   echo "== throughput: DeepSpeed vs plain PyTorch (accumulation 4, as in training) =="
   bench "${COMMON[@]}" --micro-batch 16 --grad-accum 4 --steps 8 --warmup 3 \
-    --modes plain,deepspeed,deepspeed-unaligned,deepspeed-bf16grad,deepspeed-mixed,plain-full --output "$OUT/throughput-accum4.json" "$@"
+    --modes plain,deepspeed,deepspeed-immediate,deepspeed-unaligned,deepspeed-bf16grad,deepspeed-mixed,plain-full --output "$OUT/throughput-accum4.json" "$@"
 fi
 if [[ "$SUITE" == fp8 || "$SUITE" == all ]]; then
   echo "== fp8: bf16 vs FP8, speed and loss after $LOSS_STEPS steps on $DATA =="

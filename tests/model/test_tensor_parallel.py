@@ -48,6 +48,10 @@ def test_shard_merge_round_trip():
     shards = [shard_tensor(odd, spec, r, 4) for r in range(4)]
     assert all(s.shape == (5, 6) for s in shards)
     assert torch.equal(merge_tensors(shards, spec), odd)
+    head = {"dim": 0, "chunks": 1, "size": 17, "multiple": 8}  # the output head: rows of 8 x TP
+    shards = [shard_tensor(odd, head, r, 2) for r in range(2)]
+    assert all(s.shape == (16, 6) for s in shards) and not shards[1][1:].any()
+    assert torch.equal(merge_tensors(shards, head), odd)
     row = torch.randn(6, 8)
     spec = {"dim": 1, "chunks": 1, "size": 8}
     assert torch.equal(merge_tensors([shard_tensor(row, spec, r, 2) for r in range(2)], spec), row)

@@ -128,8 +128,12 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert sorted(figures) == ["attention-loss.json", "attention.json", "fp8.json", "profile.json",
                                "throughput-accum4.json"]
     accum4 = {r["mode"]: r for r in figures["throughput-accum4.json"]["results"]}
-    assert list(accum4) == ["plain", "deepspeed", "deepspeed-bf16grad", "deepspeed-mixed", "plain-full"]
+    assert list(accum4) == ["plain", "deepspeed", "deepspeed-immediate", "deepspeed-unaligned", "deepspeed-bf16grad",
+                            "deepspeed-mixed", "plain-full"]
     assert abs(accum4["deepspeed-bf16grad"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
+    # the same gradients, accumulated elsewhere; the same head, padded or not
+    assert accum4["deepspeed-immediate"]["vs_deepspeed"]["loss_rel_diff"] == pytest.approx(0.0, abs=1e-3)
+    assert accum4["deepspeed-unaligned"]["vs_deepspeed"]["loss_rel_diff"] == pytest.approx(0.0, abs=1e-3)
     # the output head on masked positions only is exact: same loss as on every position
     assert accum4["plain-full"]["vs_plain"]["loss_rel_diff"] == pytest.approx(0.0, abs=1e-5)
     assert figures["throughput-accum4.json"]["args"]["grad_accum"] == 4
