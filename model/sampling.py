@@ -437,7 +437,7 @@ def _forward_cached(backbone, tokens: torch.Tensor, cache: _KVCache) -> torch.Te
         x = x + _attend_cached(block, block.norm1(x), cos, sin, cache, i)
         x = x + block.mlp_out(F.gelu(block.mlp_in(block.norm2(x)), approximate="tanh"))
     cache.len = past + l
-    return backbone.final(x, None).float()
+    return backbone.final(x, None).float().contiguous()  # as DiT.forward: the head may return a view
 
 
 @torch.no_grad()
