@@ -132,6 +132,9 @@ def mode_parts(mode: str) -> tuple[str, set]:
                          f"or -bf16grad/-mixed/-immediate (see --help)")
     if {"fp8", "mixed"} <= set(flags):
         raise ValueError(f"mode '{mode}': -fp8 and -mixed exclude each other")
+    if "immediate" in flags and set(flags) & {"bf16grad", "mixed"}:
+        raise ValueError(f"mode '{mode}': -immediate applies to DeepSpeed's BF16_Optimizer (bf16 weights, fp32 "
+                         f"gradients), which -bf16grad and -mixed do not use")
     return kind, set(flags)
 
 
@@ -165,7 +168,11 @@ def build(args, mode: str, device):
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
                 json.dump(ds_json, f)
             cfg.train.deepspeed_config = f.name
-        engine, _ = make_engine(model, cfg, int(os.environ.get("WORLD_SIZE", "1")), device)
+        try:
+            engine, _ = make_engine(model, cfg, int(os.environ.get("WORLD_SIZE", "1")), device)
+        finally:
+            if "immediate" in flags:
+                os.unlink(cfg.train.deepspeed_config)
 
         def step(x0, t, u):
             for i in range(args.grad_accum):
@@ -270,9 +277,9 @@ def _measure(args, mode: str, device, model, step) -> dict:
 # cuBLAS names FP8 GEMMs nvjet_sm90_qqtst_... / _qrtst_... (e4m3 x e4m3, e4m3 x e5m2), bf16 nvjet_sm90_tst_...
 TIME_CATEGORIES = (
     ("attention", r"pytorch_flash|flash_fwd|flash_bwd|fmha|sdpa|attention|scaled_dot_product"),
-    ("compiled (triton)", r"triton"),
+    ("compiled (triton)", r"triton(?!_tem)"),  # triton_tem_*: Inductor's matmul templates (max-autotune)
     ("fp8 matmul", r"nvjet_(sm\d+a?_)?[qr][qr]|(gemm|xmma|cutlass).*(e4m3|e5m2)|f8f8|scaled_mm"),
-    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|triton_tem|aten::(mm|addmm|bmm|matmul|linear)$"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("communication", r"nccl|all_?reduce|reduce_scatter|all_?gather|broadcast"),
     ("fp8 casts (eager)", r"e4m3|e5m2|float8"),

@@ -62,13 +62,19 @@ class AlignedHeadLinear(nn.Linear):
     With an odd vocabulary (GPT-2's 50257 + [MASK] = 50258) the logits' row stride is 4-byte
     aligned only, and cuBLAS falls back to slow unaligned kernels for the head's three matmuls:
     on one H200 they ran at ~250 TFLOP/s, 8% of an mdlm-1b step (bench/gpu/README.md). The pad
-    costs one copy of the (bf16) weight per forward and nothing in the checkpoints."""
+    costs one copy of the (bf16) weight per forward and nothing in the checkpoints. Below
+    `min_rows` rows (decoding a few sequences) the matmul is bound by reading the weight, which
+    alignment does not change, and the copy would cost more than it saves: plain nn.Linear then."""
+
+    min_rows = 1024
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, multiple: int = 128):
         super().__init__(in_features, out_features, bias=bias)
         self.padded_features = -(-out_features // multiple) * multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < self.min_rows * self.in_features:
+            return super().forward(x)
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type):  # pad the bf16 copy, not the fp32 master
             dtype = torch.get_autocast_dtype(x.device.type)

@@ -216,7 +216,7 @@ class MegatronTPLayers(LayerFactory):
     name = "megatron-tp"
 
     def __init__(self, params_dtype: torch.dtype = torch.float32, use_te: bool = False,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, head_multiple: int = HEAD_MULTIPLE):
         from megatron.core import ModelParallelConfig, parallel_state
 
         if sequence_parallel:
@@ -225,6 +225,7 @@ class MegatronTPLayers(LayerFactory):
         self.tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
         self.rank = parallel_state.get_tensor_model_parallel_rank()
         self.use_te = use_te
+        self.head_multiple = head_multiple
         self.config = ModelParallelConfig(
             tensor_model_parallel_size=self.tensor_parallel_size, sequence_parallel=False,
             use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False,
@@ -279,7 +280,7 @@ class MegatronTPLayers(LayerFactory):
                 raise ValueError(f"{role}: {out_features // chunks} features do not split over TP={tp}")
             if role != "output" and out_features % tp:
                 raise ValueError(f"{role}: {out_features} features do not split over TP={tp}")
-            multiple = HEAD_MULTIPLE if role == "output" else 1
+            multiple = self.head_multiple if role == "output" else 1
             specs = {"weight": _spec(0, chunks, out_features, multiple)}
             if bias:
                 specs["bias"] = _spec(0, chunks, out_features, multiple)

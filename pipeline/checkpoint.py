@@ -36,7 +36,7 @@ VISIBILITY_WAIT_S = 30.0  # how long rank 0 waits for other nodes' files to show
 # meaning (model), how they are split (parallel.tensor) or how the optimizer states are laid out
 RESUME_FIXED = ("model.objective", "model.vocab_size", "model.mask_token_id", "model.n_layers", "model.d_model",
                 "model.n_heads", "model.mlp_ratio", "model.cond_dim", "model.time_conditioning",
-                "parallel.tensor", "train.zero_stage",
+                "parallel.tensor", "parallel.head_multiple", "train.zero_stage",
                 # ZeRO-1 + bf16: fp32 gradients switch DeepSpeed to another optimizer and state layout
                 "train.grad_precision")
 
@@ -78,9 +78,12 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
 
     old, new = flatten(saved), flatten(current)
     old.setdefault("train.grad_precision", "bf16")  # checkpoints from before the setting reduced in bf16
-    for flat in (old, new):  # it only means something under bf16/fp8 weights
-        if flat.get("train.precision") not in ("bf16", "fp8"):
+    old.setdefault("parallel.head_multiple", 1)      # ... and padded the TP head to a multiple of TP
+    for flat in (old, new):
+        if flat.get("train.precision") not in ("bf16", "fp8"):  # it only means something under bf16/fp8 weights
             flat.pop("train.grad_precision", None)
+        if flat.get("parallel.tensor", 1) == 1:  # no TP: the head's weight is never padded
+            flat.pop("parallel.head_multiple", None)
     fixed, changed = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")

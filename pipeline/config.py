@@ -96,10 +96,16 @@ class TrainConfig:
 class ParallelConfig:
     tensor: int = 1                # tensor-parallel size (megatron-core layers); data parallel = world / tensor
     sequence_parallel: bool = False
+    # the output head's rows padded to a multiple of this x tensor, so every rank's matmuls are
+    # aligned (model/tensor_parallel.py); 1 pads to a multiple of tensor only, as checkpoints
+    # written before this setting did (they resume with parallel.head_multiple=1)
+    head_multiple: int = 128
 
     def validate(self) -> None:
         if self.tensor < 1:
             raise ConfigError(f"parallel.tensor={self.tensor} must be >= 1")
+        if self.head_multiple < 1:
+            raise ConfigError(f"parallel.head_multiple={self.head_multiple} must be >= 1")
         if self.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel=true is not implemented yet; "
                               "use tensor parallelism without it")

@@ -13,7 +13,8 @@ Model states (bytes per parameter held by this GPU, AdamW, as the trainer runs D
   EMA:        4 (fp32 copy of this rank's tensor-parallel shard; ZeRO 1-3 partition it over the
               data-parallel group like the optimizer states, ZeRO-0 keeps it whole on every rank)
 Tensor parallelism splits the block projections, the embedding and the output head over TP
-ranks (vocabulary padded to a multiple of TP); norms, adaLN and the timestep MLP are replicated.
+ranks (vocabulary padded to a multiple of TP, of 128 x TP for the head); norms, adaLN and the
+timestep MLP are replicated.
 ZeRO splits over the data-parallel group D = gpus / TP: stage 1 the optimizer states, stage 2
 also the gradients, stage 3 also the weights.
 
@@ -47,6 +48,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from model.config import ModelConfig, model_config
+from model.layers import HEAD_MULTIPLE
 from pipeline.configtools import ConfigError
 
 GIB = 2**30
@@ -65,9 +67,10 @@ def parameter_split(cfg: ModelConfig, tensor: int = 1) -> dict:
     adaptive = cfg.objective == "mdlm"
     per_block_split = 3 * d * d + d * d + (d * r * d + r * d) + r * d * d   # qkv, out, mlp_in (+bias), mlp_out
     per_block_repl = d + 2 * d + (c * 6 * d + 6 * d if adaptive else 0)  # mlp_out bias, 2 norms, adaLN
-    vp = _pad(v, tensor)
+    ve = _pad(v, tensor)
+    vh = _pad(v, HEAD_MULTIPLE * tensor) if tensor > 1 else v   # model/tensor_parallel.py
     head_split_full = v * d + v * d + v                                       # embedding, output weight + bias
-    head_split_local = (vp * d + vp * d + vp) // tensor
+    head_split_local = (ve * d + vh * d + vh) // tensor
     final_repl = d + ((c * 2 * d + 2 * d) if adaptive else 0)                   # final norm + adaLN
     sigma = (TIMESTEP_FREQ_DIM * c + c + c * c + c) if adaptive else 0
     sharded_full = n * per_block_split + head_split_full

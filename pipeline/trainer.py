@@ -293,7 +293,7 @@ class Trainer:
             raise ConfigError("train.precision=bf16-mixed with parallel.tensor > 1 needs a GPU: megatron-core's "
                               "tensor-parallel layers replay autocast in their backward for CUDA only; on a CPU "
                               "use train.precision=bf16 or fp32")
-        return MegatronTPLayers(use_te=use_te)
+        return MegatronTPLayers(use_te=use_te, head_multiple=cfg.parallel.head_multiple)
 
     def end_tracking(self, status: str, timeout_s: float = 30.0) -> None:
         """Rank 0: deliver what MLflow has queued and close its run as `status` (FINISHED,

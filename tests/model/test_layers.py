@@ -11,6 +11,7 @@ def pair(vocab=50258, d=64, seed=0):
     plain = nn.Linear(d, vocab)
     aligned = AlignedHeadLinear(d, vocab, multiple=128)
     aligned.load_state_dict(plain.state_dict())
+    aligned.min_rows = 0  # pad at the tests' few rows too
     return plain, aligned
 
 
@@ -51,6 +52,7 @@ def test_the_dit_head_is_aligned_only_where_the_vocabulary_needs_it():
     even = DiT(model_config("mdlm-tiny", vocab_size=256))
     unpadded = DiT(model_config("mdlm-tiny", vocab_size=258), TorchLayers(head_multiple=1))
     assert type(odd.final.linear) is AlignedHeadLinear
+    odd.final.linear.min_rows = 0
     assert type(even.final.linear) is nn.Linear and type(unpadded.final.linear) is nn.Linear
     for p in odd.final.parameters():  # the zero-initialised head would hide a wrong column
         nn.init.normal_(p)
@@ -61,3 +63,16 @@ def test_the_dit_head_is_aligned_only_where_the_vocabulary_needs_it():
     torch.testing.assert_close(logits, unpadded(tokens), rtol=1e-5, atol=1e-5)
     index = torch.tensor([0, 5, 17, 31])
     torch.testing.assert_close(odd(tokens, index=index), logits.reshape(-1, 258)[index], rtol=1e-5, atol=1e-5)
+
+
+def test_below_min_rows_the_head_runs_unpadded(monkeypatch):
+    plain, aligned = pair(vocab=300)
+    aligned.min_rows = 8
+    padded = []
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: padded.append(1) or real_pad(*a, **k))
+    few, many = torch.randn(7, 64), torch.randn(2, 4, 64)
+    torch.testing.assert_close(aligned(few), plain(few), rtol=1e-5, atol=1e-5)
+    assert padded == []
+    torch.testing.assert_close(aligned(many), plain(many), rtol=1e-5, atol=1e-5)
+    assert padded == [1, 1]  # weight and bias

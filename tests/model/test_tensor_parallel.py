@@ -77,7 +77,8 @@ def _worker(rank: int, world: int, port: int, results):
         torch.manual_seed(0)
         tp = MDLM(cfg, MegatronTPLayers())
         layout = tp_layout(tp)
-        out = {"layout": sorted(layout)}
+        out = {"layout": sorted(layout), "head_rows": tuple(m.backbone.final.linear.weight.shape[0] for m in
+                                                            (tp, MDLM(cfg, MegatronTPLayers(head_multiple=1))))}
         # the FLOPs formula counts the whole model's weights from any shard
         out["counts"] = (full_parameter_counts(tp), (count_parameters(plain), metrics.matmul_params(plain),
                                                      metrics.conditioning_params(plain)))
@@ -140,6 +141,8 @@ def test_tp2_matches_tp1_forward_backward():
         assert out["logits_err"] < FWD_TOL, out["logits_err"]
         assert out["grad_err"] < GRAD_TOL, out["grad_err"]
         assert out["replicated_same"]
+        # 17 ids: 256 head rows over 2 ranks, or 18 with parallel.head_multiple=1 (older checkpoints)
+        assert out["head_rows"] == (128, 9)
         from_shard, plain_counts = out["counts"]
         assert from_shard == plain_counts and plain_counts[2] > 0
         print(f"rank {rank}: loss {ref:.6f} vs {got:.6f}, logits rel err {out['logits_err']:.1e}, "

@@ -44,6 +44,7 @@ def test_throughput_bench_prints_and_writes_every_mode(tmp_path):
     ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "matmul"),
     ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_tn_align2>(cutlass_80_"
      "tensorop_bf16_s16816ge", "matmul"),
+    ("triton_tem_fused_mm_3", "matmul"),
     ("triton_poi_fused__scaled_mm__to_copy_abs_add_clamp_clone_gelu_gelu_backward_mul_reciprocal_split_t_"
      "unsqueeze_view_7", "compiled (triton)"),
     ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128", "fp8 matmul"),
@@ -179,3 +180,19 @@ def test_gpu_scripts_are_shellcheck_clean():
     scripts = sorted(str(p) for p in (ROOT / "bench" / "gpu").glob("*.sh"))
     proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("deepspeed-fp8-cudnn", None),
+    ("plain-bf16grad", "unknown mode"),
+    ("deepspeed-fp8-fp8", "unknown mode"),
+    ("deepspeed-fp8-mixed", "exclude each other"),
+    ("deepspeed-immediate-bf16grad", "-immediate applies to"),
+])
+def test_bench_modes_are_parsed_or_refused_by_name(mode, message):
+    bench = throughput_bench()
+    if message is None:
+        assert bench.mode_parts(mode) == ("deepspeed", {"fp8", "cudnn"})
+    else:
+        with pytest.raises(ValueError, match=message):
+            bench.mode_parts(mode)

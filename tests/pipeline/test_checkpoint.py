@@ -176,3 +176,12 @@ def test_gradient_precision_is_fixed_for_a_bf16_run():
     assert ckpt.config_differences(bf16, {"train": {**bf16["train"], "grad_precision": "bf16"}}) == ([], [])
     fp32 = {"train": {"precision": "fp32"}}  # meaningless with fp32 weights: never refused
     assert ckpt.config_differences(fp32, {"train": {"precision": "fp32", "grad_precision": "fp32"}}) == ([], [])
+
+
+def test_a_tp_checkpoint_from_before_the_head_padding_setting_names_it():
+    old = {"parallel": {"tensor": 2}}  # its output head was padded to a multiple of TP only
+    fixed, _ = ckpt.config_differences(old, {"parallel": {"tensor": 2, "head_multiple": 128}})
+    assert fixed == ["parallel.head_multiple: 1 -> 128"]
+    assert ckpt.config_differences(old, {"parallel": {"tensor": 2, "head_multiple": 1}}) == ([], [])
+    no_tp = {"parallel": {"tensor": 1}}  # no TP: the head is never padded in the weights
+    assert ckpt.config_differences(no_tp, {"parallel": {"tensor": 1, "head_multiple": 128}}) == ([], [])

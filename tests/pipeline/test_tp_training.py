@@ -61,7 +61,9 @@ def test_tp2_dp2_zero2_matches_one_process(tp2_dp2, one_process):
         f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for d in range(2) for t in range(2)]
     state = torch.load(ckpt / "mp_rank_01_model_states.pt", map_location="cpu", weights_only=False)
     assert state["parallel"]["tensor"] == 2 and state["parallel"]["data"] == 2
-    assert state["parallel"]["layout"]["backbone.blocks.0.attn_qkv.weight"] == {"dim": 0, "chunks": 3, "size": 384}
+    layout = state["parallel"]["layout"]
+    assert layout["backbone.blocks.0.attn_qkv.weight"] == {"dim": 0, "chunks": 3, "size": 384, "multiple": 1}
+    assert layout["backbone.final.linear.weight"]["multiple"] == 128
 
 
 def _tp_logits_worker(rank, world, port, ckpt, tokens, results):
