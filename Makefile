@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist processes, each taking whole test files: most tests wait on subprocesses and
+# sockets, so 2 fill a 2-core box (TEST_WORKERS=0 runs them in this process, one at a time)
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
@@ -32,7 +35,7 @@ demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pipeline.demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest tests -q $(TEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile $(TEST_ARGS)
 
 # What bench/gpu/run.sh needs on a bare, offline GPU image: wheels and seq_len-1024 shards.
 gpu-kit: $(STAMP)

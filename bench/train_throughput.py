@@ -51,14 +51,16 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
     p.add_argument("--modes", default="plain,deepspeed",
                    help="comma list of plain or deepspeed (bf16 weights, fp32 master), each with optional "
-                        "suffixes: -fp8, -full (the output head on every position, not only the masked "
+                        "suffixes: -fp8 (with -rowwise or -rowwisegw: torchao's rowwise or rowwise_with_gw_hp "
+                        "recipe instead of --fp8-recipe), -full (the output head on every position, not only the masked "
                         "ones), -cudnn (cuDNN's fused attention preferred: train.attention_backend=cudnn), "
                         "-unaligned (the output head's matmuls on its unpadded weight, as before "
                         "model/layers.py padded it), "
                         "and for deepspeed -bf16grad (gradients accumulated and reduced in bf16, not fp32) "
                         "or -mixed (fp32 weights under autocast) or -immediate (DeepSpeed's "
                         "bf16.immediate_grad_update: fp32 gradients accumulated in the backward hooks, "
-                        "not after the backward); e.g. deepspeed-fp8-cudnn")
+                        "not after the backward) or -unfused (DeepSpeed's own update of the fp32 gradients "
+                        "after each backward, not train.fuse_grad_update's foreach add); e.g. deepspeed-fp8-cudnn")
     p.add_argument("--zero-stage", type=int, default=1, help="default: that of configs/train/mdlm-1b-h100.yaml")
     p.add_argument("--ds-config", default="",
                    help="DeepSpeed JSON merged under the generated config (default: configs/deepspeed/"
@@ -120,21 +122,31 @@ def run_config(args, cfg_model) -> RunConfig:
     return cfg
 
 
-MODE_FLAGS = {"plain": {"fp8", "full", "cudnn", "unaligned"},
-              "deepspeed": {"fp8", "full", "cudnn", "unaligned", "bf16grad", "mixed", "immediate"}}
+MODE_FLAGS = {"plain": {"fp8", "rowwise", "rowwisegw", "full", "cudnn", "unaligned"},
+              "deepspeed": {"fp8", "rowwise", "rowwisegw", "full", "cudnn", "unaligned", "bf16grad", "mixed",
+                            "immediate", "unfused"}}
+# torchao recipes by mode flag; -fp8 alone takes --fp8-recipe
+FP8_RECIPE_FLAGS = {"rowwise": "rowwise", "rowwisegw": "rowwise_with_gw_hp"}
 
 
 def mode_parts(mode: str) -> tuple[str, set]:
     """'deepspeed-fp8-cudnn' -> ('deepspeed', {'fp8', 'cudnn'})."""
     kind, *flags = mode.split("-")
     if kind not in MODE_FLAGS or not set(flags) <= MODE_FLAGS[kind] or len(set(flags)) < len(flags):
-        raise ValueError(f"unknown mode '{mode}': plain with -fp8/-full/-cudnn/-unaligned, or deepspeed with those "
-                         f"or -bf16grad/-mixed/-immediate (see --help)")
+        raise ValueError(f"unknown mode '{mode}': plain with -fp8[-rowwise|-rowwisegw]/-full/-cudnn/-unaligned, or "
+                         f"deepspeed with those "
+                         f"or -bf16grad/-mixed/-immediate/-unfused (see --help)")
     if {"fp8", "mixed"} <= set(flags):
         raise ValueError(f"mode '{mode}': -fp8 and -mixed exclude each other")
-    if "immediate" in flags and set(flags) & {"bf16grad", "mixed"}:
-        raise ValueError(f"mode '{mode}': -immediate applies to DeepSpeed's BF16_Optimizer (bf16 weights, fp32 "
-                         f"gradients), which -bf16grad and -mixed do not use")
+    recipes = set(flags) & set(FP8_RECIPE_FLAGS)
+    if recipes and ("fp8" not in flags or len(recipes) > 1):
+        raise ValueError(f"mode '{mode}': -rowwise and -rowwisegw pick one torchao recipe for -fp8: "
+                         f"write e.g. deepspeed-fp8-rowwise")
+    update = set(flags) & {"immediate", "unfused", "bf16grad", "mixed"}
+    if len(update) > 1 and update & {"immediate", "unfused"}:
+        raise ValueError(f"mode '{mode}': {' and '.join('-' + f for f in sorted(update))} exclude each other "
+                         f"(-immediate and -unfused change how DeepSpeed's BF16_Optimizer, for bf16 weights with "
+                         f"fp32 gradients, updates the gradients; -bf16grad and -mixed do not use it)")
     return kind, set(flags)
 
 
@@ -144,8 +156,11 @@ def build(args, mode: str, device):
     cfg_model = model_config(args.preset, vocab_size=args.vocab_size, dropout=0.0,
                              masked_logits_only="full" not in flags)
     model = build_model(cfg_model, TorchLayers(head_multiple=1) if "unaligned" in flags else None)
+    recipe = next((FP8_RECIPE_FLAGS[f] for f in sorted(flags) if f in FP8_RECIPE_FLAGS), args.fp8_recipe)
+    if recipe != args.fp8_recipe and args.fp8_backend != "torchao":
+        raise ValueError(f"mode '{mode}': -rowwise/-rowwisegw are torchao recipes; --fp8-backend is {args.fp8_backend}")
     fp8 = FP8Config(backend=args.fp8_backend,
-                    recipe=args.fp8_recipe or ("tensorwise" if args.fp8_backend == "torchao" else "delayed"))
+                    recipe=recipe or ("tensorwise" if args.fp8_backend == "torchao" else "delayed"))
     if "fp8" in flags:
         apply_fp8(model, fp8)
     if args.compile:
@@ -162,6 +177,8 @@ def build(args, mode: str, device):
             cfg.train.precision = "bf16-mixed" if args.precision == "bf16" else "fp32"
         if "bf16grad" in flags:
             cfg.train.grad_precision = "bf16"
+        if "unfused" in flags:  # DeepSpeed's own per-parameter update of the fp32 gradients
+            cfg.train.fuse_grad_update = False
         if "immediate" in flags:  # BF16_Optimizer: fp32 gradients updated in the backward hooks
             ds_json = json.loads(Path(cfg.train.deepspeed_config).read_text()) if cfg.train.deepspeed_config else {}
             ds_json.setdefault("bf16", {})["immediate_grad_update"] = True
@@ -368,7 +385,7 @@ def write_figures(path: str, device_name: str, args, results: list, failed: list
 def print_row(r: dict, base: dict) -> None:
     mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
     loss = r.get("loss_after", {}).get("mean_last_10pct", r["last_loss"])
-    print(f"{r['mode']:<16}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}{r['model_tflops']:>10.1f}{mfu:>8}"
+    print(f"{r['mode']:<24}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base['tokens_per_s']:>8.3f}{r['model_tflops']:>10.1f}{mfu:>8}"
           f"{r['mem_gb']:>9.2f}{loss:>9.4f}", flush=True)
 
 
@@ -391,7 +408,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; preset {args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, "
           f"accumulation {args.grad_accum}, compile {args.compile}, zero {args.zero_stage}")
-    print(f"{'mode':<16}{'tokens/s':>12}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>9}{'loss':>9}", flush=True)
+    print(f"{'mode':<24}{'tokens/s':>12}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>9}{'loss':>9}", flush=True)
     results, failed = [], []
     multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     for mode in modes:  # one mode failing (e.g. out of memory) must not lose the others' figures
@@ -424,7 +441,7 @@ def main(argv=None) -> int:
             loss, ref_loss = (x.get("loss_after", {}).get("mean_last_10pct", x["last_loss"]) for x in (r, ref))
             r["vs_" + base_mode] = {"speed": r["tokens_per_s"] / ref["tokens_per_s"],
                                     "loss_rel_diff": (loss - ref_loss) / ref_loss}
-            print(f"{r['mode']} vs {base_mode}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tokens/s, "
+            print(f"{r['mode']} vs {base_mode}: {r['tokens_per_s'] / ref['tokens_per_s']:.3f}x tokens/s, "
                   f"loss {100 * (loss - ref_loss) / ref_loss:+.2f}%")
             if "profile" in r and "profile" in ref:
                 print_profile_change(r["mode"], base_mode, r["profile"], ref["profile"])

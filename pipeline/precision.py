@@ -23,7 +23,8 @@ BLOCK_LINEARS = ("attn_qkv", "attn_out", "mlp_in", "mlp_out")
 class FP8Config:
     backend: Literal["torchao", "te"] = "torchao"
     # "" = the backend's default: tensorwise (torchao) or delayed scaling (TE)
-    recipe: Literal["", "tensorwise", "rowwise", "delayed", "current"] = ""
+    # rowwise_with_gw_hp: rowwise, with the weight-gradient matmul in bf16 (torchao's recipe)
+    recipe: Literal["", "tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed", "current"] = ""
     amax_history_len: int = 16             # TE delayed scaling
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     # TE delayed scaling: all-reduce the amaxes over every rank each step, so the scales agree
@@ -38,7 +39,7 @@ class FP8Config:
         self.validate()
 
     def validate(self) -> None:
-        valid = {"torchao": ("tensorwise", "rowwise"), "te": ("delayed", "current")}
+        valid = {"torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp"), "te": ("delayed", "current")}
         self.recipe = self.recipe or valid[self.backend][0]
         if self.recipe not in valid[self.backend]:
             raise ConfigError(f"fp8.recipe '{self.recipe}' does not apply to fp8.backend '{self.backend}'; "

@@ -22,8 +22,8 @@ from model.noise import stratified_times
 from model.tensor_parallel import strip_extra_state
 
 from . import metrics
-from .adapters import (apply_activation_checkpointing, attention_backend, compile_blocks, plain_name,
-                       zero3_leaf_blocks)
+from .adapters import (apply_activation_checkpointing, attention_backend, compile_blocks, fuse_bf16_grad_update,
+                       plain_name, zero3_leaf_blocks)
 from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
@@ -155,6 +155,8 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
     engine, _, _, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config, dist_init_required=False, mpu=mpu)
+    if cfg.train.fuse_grad_update:
+        fuse_bf16_grad_update(engine)
     if cfg.train.precision == "bf16-mixed" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
         raise ConfigError(f"train.precision=bf16-mixed needs DeepSpeed's torch_autocast (deepspeed "
                           f"{deepspeed.__version__} lacks it): upgrade deepspeed or use train.precision=bf16")

@@ -4,13 +4,15 @@
 # throughput: mdlm-1b at micro-batch 16 x 1024 and accumulation 4 (configs/train/mdlm-1b-h100.yaml),
 #             the project's DeepSpeed step (ZeRO-1; bf16 weights with fp32 or bf16 gradients, and
 #             bf16-mixed) against a plain PyTorch step (compiled blocks, fused AdamW), same
-#             micro-batch and accumulation; DeepSpeed's bf16.immediate_grad_update (-immediate:
+#             micro-batch and accumulation; DeepSpeed's own update of the fp32 gradients (-unfused:
+#             without train.fuse_grad_update) and its bf16.immediate_grad_update (-immediate:
 #             fp32 gradients accumulated in the backward hooks); the output head on its unpadded weight (-unaligned,
 #             as before model/layers.py padded it); and the plain step with the output head on
 #             every position (plain-full) against masked-only.
-# fp8:        bf16 against FP8 (torchao), plain and DeepSpeed, with the loss after $LOSS_STEPS steps
-#             on real text from $DATA (a data_prep output with seq_len 1024), micro-batch 8 (the
-#             demo corpus holds ~2,030 sequences: none is seen twice).
+# fp8:        bf16 against FP8 (torchao: tensorwise, and for DeepSpeed also rowwise and
+#             rowwise_with_gw_hp against tensorwise), plain and DeepSpeed, with the loss after
+#             $LOSS_STEPS steps on real text from $DATA (a data_prep output with seq_len 1024),
+#             micro-batch 8 (the demo corpus holds ~2,030 sequences: none is seen twice).
 # profile:    where a step's GPU time goes (matmul, FP8 matmul, attention, compiled kernels,
 #             optimizer, ...) for the plain, plain-cudnn, plain-fp8, deepspeed and deepspeed-fp8
 #             steps at micro-batch 16.
@@ -60,12 +62,14 @@ bench() {  # a failing run (e.g. out of memory) must not cost the figures of the
 if [[ "$SUITE" == throughput || "$SUITE" == all ]]; then
   echo "== throughput: DeepSpeed vs plain PyTorch (accumulation 4, as in training) =="
   bench "${COMMON[@]}" --micro-batch 16 --grad-accum 4 --steps 8 --warmup 3 \
-    --modes plain,deepspeed,deepspeed-immediate,deepspeed-unaligned,deepspeed-bf16grad,deepspeed-mixed,plain-full --output "$OUT/throughput-accum4.json" "$@"
+    --modes plain,deepspeed,deepspeed-unfused,deepspeed-immediate,deepspeed-unaligned,deepspeed-bf16grad,deepspeed-mixed,plain-full \
+    --output "$OUT/throughput-accum4.json" "$@"
 fi
 if [[ "$SUITE" == fp8 || "$SUITE" == all ]]; then
   echo "== fp8: bf16 vs FP8, speed and loss after $LOSS_STEPS steps on $DATA =="
   bench "${COMMON[@]}" --steps 20 --warmup 5 --data "$DATA" \
-    --loss-steps "$LOSS_STEPS" --modes plain,plain-fp8,deepspeed,deepspeed-fp8 --output "$OUT/fp8.json" "$@"
+    --loss-steps "$LOSS_STEPS" --modes plain,plain-fp8,deepspeed,deepspeed-fp8,deepspeed-fp8-rowwise,deepspeed-fp8-rowwisegw \
+    --output "$OUT/fp8.json" "$@"
 fi
 if [[ "$SUITE" == profile || "$SUITE" == all ]]; then
   echo "== profile: device time per step by kernel category =="

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,10 +84,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     if not RAY_BIN.exists() or shutil.which("python") is None:
         pytest.skip("the ray CLI is not installed")
-    temp_dir = str(tmp_path_factory.mktemp("rayc"))
+    # Ray's socket paths (<temp_dir>/session_<date>_<pid>/sockets/plasma_store) must stay under
+    # the 107 bytes of AF_UNIX: pytest's per-worker tmp paths are too deep for them
+    temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")
     gcs, dash, client, agent, agent_grpc, metrics, rt_env = _free_ports(7)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", PATH=f"{RAY_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -104,6 +107,7 @@ def ray_cluster(tmp_path_factory):
         yield {"address": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         _stop_cluster([temp_dir, f"127.0.0.1:{gcs}"])
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend
@@ -97,3 +99,82 @@ def test_attention_backend_default_changes_nothing_and_unknown_names_are_refused
         with attention_backend("fa3"):
             pass
     assert sdpa_state() == before
+
+
+def fused_grad_update_worker(rank: int, size: int, port: int, queue):
+    """Two real ZeRO-1 engines with bf16 weights and fp32 gradients (DeepSpeed's BF16_Optimizer),
+    one with the fused gradient update, over 2 gloo ranks and 3 micro-batches per step."""
+    import deepspeed
+    import torch.distributed as dist
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipeline.adapters import fuse_bf16_grad_update
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(size))
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        def engine(**bf16):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16))
+            config = {"train_batch_size": 3 * 2 * size, "train_micro_batch_size_per_gpu": 2,
+                      "gradient_clipping": 1.0, "bf16": {"enabled": True, **bf16},
+                      "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}
+            return deepspeed.initialize(model=model, config=config,
+                                        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))[0]
+
+        stock, fused = engine(), engine()
+        assert type(fused.optimizer).__name__ == "BF16_Optimizer"
+        applied = fuse_bf16_grad_update(fused)
+        immediate_applied = fuse_bf16_grad_update(engine(immediate_grad_update=True))
+        g = torch.Generator().manual_seed(rank)
+        losses, grads_equal, lp_grads_left, ops = {"stock": [], "fused": []}, [], [], {}
+        for micro in range(6):
+            x = torch.randn(2, 16, generator=g).to(torch.bfloat16)
+            for name, e in (("stock", stock), ("fused", fused)):
+                loss = e(x).float().pow(2).mean()
+                with CountOps() as counted:
+                    e.backward(loss)
+                if micro == 1:
+                    ops[name] = counted.names
+                losses[name].append(loss.item())
+            grads_equal.append(all(torch.equal(a, b) for a, b in zip(stock.optimizer.fp32_groups_gradients_flat,
+                                                                  fused.optimizer.fp32_groups_gradients_flat)))
+            lp_grads_left.append(sum(p.grad is not None for p in fused.module.parameters()))
+            stock.step()
+            fused.step()
+        weights_equal = all(torch.equal(a, b) for a, b in zip(stock.module.parameters(), fused.module.parameters()))
+        masters_equal = all(torch.equal(a, b) for a, b in zip(stock.optimizer.fp32_groups_flat_partition,
+                                                              fused.optimizer.fp32_groups_flat_partition))
+        queue.put((rank, applied, immediate_applied, losses, grads_equal, lp_grads_left, weights_equal, masters_equal,
+                   {name: {op: names.count(op) for op in set(names)} for name, names in ops.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_fused_gradient_update_matches_deepspeeds_bit_for_bit_with_fewer_kernels():
+    from .conftest import run_two_ranks
+
+    for rank, applied, immediate_applied, losses, grads_equal, lp_grads_left, weights_equal, masters_equal, ops in \
+            run_two_ranks(fused_grad_update_worker, timeout=300):
+        assert applied and not immediate_applied  # immediate_grad_update's hooks keep DeepSpeed's update
+        assert losses["fused"] == losses["stock"] and losses["stock"][5] != losses["stock"][0]
+        assert grads_equal == [True] * 6          # the fp32 sums after every micro-batch
+        assert lp_grads_left == [0] * 6           # the bf16 gradients are not kept
+        assert weights_equal and masters_equal    # after 2 optimizer steps over 2 ranks
+        print(f"rank {rank} aten ops per backward: stock {ops['stock']}, fused {ops['fused']}")
+        # DeepSpeed's update: a zero fill before the backward, autograd's add into it, a cast and
+        # an add per parameter after it; fused: one foreach add
+        assert ops["fused"].get("_foreach_add_") == 1 and "_foreach_zero_" not in ops["fused"]
+        assert ops["stock"].get("_foreach_zero_") == 1 and ops["stock"].get("_to_copy", 0) >= 4
+        assert sum(ops["fused"].values()) < sum(ops["stock"].values()) - 8

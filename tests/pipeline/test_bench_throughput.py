@@ -120,7 +120,7 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     """bench/gpu/run.sh, the one command of the GPU figures, with a tiny preset on CPU."""
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), DATA=str(markov_data),
                LOSS_STEPS="2", MASTER_PORT=str(free_port()))
-    tiny = ["--preset", "mdlm-tiny", "--vocab-size", "17", "--device", "cpu", "--micro-batch", "2",
+    tiny = ["--preset", "mdlm-tiny", "--vocab-size", "17", "--device", "cpu", "--micro-batch", "1",
             "--seq-len", "32", "--steps", "1", "--warmup", "1", "--no-compile"]
     proc = subprocess.run(["bash", "bench/gpu/run.sh", "all", *tiny], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -129,8 +129,10 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert sorted(figures) == ["attention-loss.json", "attention.json", "fp8.json", "profile.json",
                                "throughput-accum4.json"]
     accum4 = {r["mode"]: r for r in figures["throughput-accum4.json"]["results"]}
-    assert list(accum4) == ["plain", "deepspeed", "deepspeed-immediate", "deepspeed-unaligned", "deepspeed-bf16grad",
-                            "deepspeed-mixed", "plain-full"]
+    assert list(accum4) == ["plain", "deepspeed", "deepspeed-unfused", "deepspeed-immediate", "deepspeed-unaligned",
+                            "deepspeed-bf16grad", "deepspeed-mixed", "plain-full"]
+    # train.fuse_grad_update: DeepSpeed's fp32 gradient sums bit for bit
+    assert accum4["deepspeed-unfused"]["vs_deepspeed"]["loss_rel_diff"] == 0.0
     assert abs(accum4["deepspeed-bf16grad"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
     # the same gradients, accumulated elsewhere; the same head, padded or not
     assert accum4["deepspeed-immediate"]["vs_deepspeed"]["loss_rel_diff"] == pytest.approx(0.0, abs=1e-3)
@@ -139,7 +141,10 @@ def test_gpu_suite_script_runs_every_suite_on_cpu(tmp_path, markov_data):
     assert accum4["plain-full"]["vs_plain"]["loss_rel_diff"] == pytest.approx(0.0, abs=1e-5)
     assert figures["throughput-accum4.json"]["args"]["grad_accum"] == 4
     fp8 = {r["mode"]: r for r in figures["fp8.json"]["results"]}
-    assert set(fp8) == {"plain", "plain-fp8", "deepspeed", "deepspeed-fp8"}
+    assert set(fp8) == {"plain", "plain-fp8", "deepspeed", "deepspeed-fp8", "deepspeed-fp8-rowwise",
+                        "deepspeed-fp8-rowwisegw"}
+    for recipe in ("rowwise", "rowwisegw"):  # against tensorwise
+        assert abs(fp8[f"deepspeed-fp8-{recipe}"]["vs_deepspeed-fp8"]["loss_rel_diff"]) < 0.05
     assert fp8["plain-fp8"]["loss_after"]["steps"] == 1 + 1 + 2
     assert abs(fp8["deepspeed-fp8"]["vs_deepspeed"]["loss_rel_diff"]) < 0.05
     assert "plain-fp8 vs plain:" in proc.stdout
@@ -187,7 +192,11 @@ def test_gpu_scripts_are_shellcheck_clean():
     ("plain-bf16grad", "unknown mode"),
     ("deepspeed-fp8-fp8", "unknown mode"),
     ("deepspeed-fp8-mixed", "exclude each other"),
-    ("deepspeed-immediate-bf16grad", "-immediate applies to"),
+    ("deepspeed-immediate-bf16grad", "-bf16grad and -immediate exclude each other"),
+    ("deepspeed-unfused-immediate", "-immediate and -unfused exclude each other"),
+    ("plain-unfused", "unknown mode"),
+    ("deepspeed-rowwise", "pick one torchao recipe for -fp8"),
+    ("plain-fp8-rowwise-rowwisegw", "pick one torchao recipe for -fp8"),
 ])
 def test_bench_modes_are_parsed_or_refused_by_name(mode, message):
     bench = throughput_bench()

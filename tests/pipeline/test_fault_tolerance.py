@@ -18,7 +18,7 @@ FAST = ("tracking.enabled=false", "train.log_every=1", "eval.max_batches=1", "sa
 def start_training(run_dir: Path, data: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "pipeline/train.py", "--config", "configs/train/tiny-test.yaml",
            f"data.path={data}", f"run_dir={run_dir}", *overrides]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -78,7 +78,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(markov_data, tmp_path):
     assert len(tags) == 1 and (tmp_path / "checkpoints" / tags[0] / "COMPLETE").is_file()
     assert (tmp_path / "checkpoints" / "latest").read_text() == tags[0]
     assert '"stopped_by_signal": true' in out
-    assert mlflow_run(tmp_path).info.status == "KILLED"  # until a resume reopens it
+    assert mlflow_run(tmp_path, out).info.status == "KILLED"  # until a resume reopens it
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(markov_data, tmp_path):
@@ -140,14 +140,17 @@ def test_non_finite_steps_are_skipped_then_abort_after_k_in_a_row(markov_data, t
                      "tracking.enabled=true", env_extra={"MDLM_INJECT_NAN_STEPS": "4,5,6,7"}, check=False)
     assert bad.returncode != 0
     assert "not finite for 3 steps in a row (last: step 6)" in bad.stderr
-    run = mlflow_run(tmp_path / "b")  # a crashed run says so in MLflow, with the metrics it logged
+    run = mlflow_run(tmp_path / "b", bad.stdout + bad.stderr)  # a crashed run says so in MLflow, with the metrics it logged
     assert run.info.status == "FAILED" and run.data.metrics["train/skipped_steps"] == 2
 
 
-def mlflow_run(run_dir: Path):
+def mlflow_run(run_dir: Path, output: str = ""):
     from mlflow.tracking import MlflowClient
 
+    assert (run_dir / "mlflow.db").is_file(), f"the run wrote no {run_dir}/mlflow.db:\n{output[-3000:]}"
     client = MlflowClient(f"sqlite:///{run_dir.resolve()}/mlflow.db")
-    runs = client.search_runs(client.get_experiment_by_name("mdlm-pretrain").experiment_id)
+    experiment = client.get_experiment_by_name("mdlm-pretrain")
+    assert experiment is not None, output[-3000:]
+    runs = client.search_runs(experiment.experiment_id)
     assert len(runs) == 1
     return runs[0]

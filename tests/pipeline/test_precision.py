@@ -80,15 +80,20 @@ def test_transformer_engine_absence_is_reported_not_crashed():
     assert "pip install 'transformer-engine[pytorch]'" in reason
 
 
-def test_torchao_conversion_keeps_weights_interchangeable():
+@pytest.mark.parametrize("recipe, granularity, weight_grad_in_fp8", [
+    ("tensorwise", "tensorwise", True), ("rowwise", "axiswise", True), ("rowwise_with_gw_hp", "axiswise", False)])
+def test_torchao_conversion_keeps_weights_interchangeable(recipe, granularity, weight_grad_in_fp8):
     if not backend_available("torchao")[0]:
         pytest.skip("torchao not installed")
     plain = tiny()
     state = {k: v.clone() for k, v in plain.state_dict().items()}
     fp8 = tiny()
-    converted = apply_fp8(fp8, FP8Config(backend="torchao"))
+    converted = apply_fp8(fp8, FP8Config(backend="torchao", recipe=recipe))
     assert len(converted) == 16
-    assert type(fp8.get_submodule(converted[0])).__name__ == "Float8Linear"
+    layer = fp8.get_submodule(converted[0])
+    assert type(layer).__name__ == "Float8Linear"
+    assert layer.config.cast_config_input.scaling_granularity.value == granularity
+    assert (layer.config.cast_config_input_for_grad_weight.scaling_type.value != "disabled") == weight_grad_in_fp8
     fp8.load_state_dict(state)  # a bf16/fp32 checkpoint loads into the FP8 model ...
     back = tiny()
     back.load_state_dict(fp8.state_dict())  # ... and back, key for key
