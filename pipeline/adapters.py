@@ -95,13 +95,15 @@ def plain_name(name: str) -> str:
 
 
 def fuse_bf16_grad_update(engine) -> bool:
-    """DeepSpeed's BF16_Optimizer (bf16 weights, fp32 gradients: ZeRO-1 here) zeroes the bf16
-    gradients before each backward, so autograd adds into them, then adds each into its fp32
-    copy as a cast followed by an add: four kernels per parameter per micro-batch. Replaced by one
-    mixed-dtype foreach add after the backward, the bf16 gradients dropped (autograd then writes
-    the next ones without an add, and they are not held through the forward). The fp32 sums are
-    bit for bit those of DeepSpeed's code. Returns False, changing nothing, for other optimizers,
-    for immediate_grad_update (its hooks do the update) and where the DeepSpeed internals differ."""
+    """DeepSpeed's BF16_Optimizer (bf16 weights, fp32 gradients: ZeRO-1 here) keeps the bf16
+    gradients between micro-batches: it zero-fills them before each backward, so autograd adds
+    into them, then adds each into its fp32 copy as a cast followed by an add. Replaced by one
+    foreach add after the backward (on a GPU one mixed-dtype add kernel per parameter, reading the
+    bf16 gradient once, no fp32 temporary), the bf16 gradients dropped: autograd then writes the
+    next ones without a fill or an add, and they are not held through the forward. The fp32 sums
+    are bit for bit those of DeepSpeed's code. Returns False, changing nothing, for other
+    optimizers, for immediate_grad_update (its hooks do the update) and where the DeepSpeed
+    internals differ."""
     try:
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     except ImportError:

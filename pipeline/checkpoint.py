@@ -79,9 +79,12 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     old, new = flatten(saved), flatten(current)
     old.setdefault("train.grad_precision", "bf16")  # checkpoints from before the setting reduced in bf16
     old.setdefault("parallel.head_multiple", 1)      # ... and padded the TP head to a multiple of TP
+    if "train.fuse_grad_update" in new:
+        old.setdefault("train.fuse_grad_update", False)  # ... and ran DeepSpeed's own gradient update
     for flat in (old, new):
-        if flat.get("train.precision") not in ("bf16", "fp8"):  # it only means something under bf16/fp8 weights
+        if flat.get("train.precision") not in ("bf16", "fp8"):  # they only mean something under bf16/fp8 weights
             flat.pop("train.grad_precision", None)
+            flat.pop("train.fuse_grad_update", None)
         if flat.get("parallel.tensor", 1) == 1:  # no TP: the head's weight is never padded
             flat.pop("parallel.head_multiple", None)
     fixed, changed = [], []

@@ -62,9 +62,9 @@ class TrainConfig:
     # in bf16 there) or in bf16 (half the traffic and gradient memory, rounded at every
     # micro-batch and every reduction hop)
     grad_precision: Literal["fp32", "bf16"] = "fp32"
-    # fp32 gradients over bf16 weights (DeepSpeed's BF16_Optimizer, ZeRO-1): accumulate with one
-    # foreach add per micro-batch instead of DeepSpeed's zero + add + cast + add per parameter
-    # (pipeline/adapters.fuse_bf16_grad_update; the same sums bit for bit)
+    # fp32 gradients over bf16 weights (DeepSpeed's BF16_Optimizer, ZeRO-1): one mixed-dtype add
+    # per parameter and micro-batch instead of DeepSpeed's zero fill + add + cast + add, the bf16
+    # gradients freed after it (pipeline/adapters.fuse_bf16_grad_update; the same sums bit for bit)
     fuse_grad_update: bool = True
     zero_stage: int = 2
     deepspeed_config: str = ""     # optional JSON merged under the generated DeepSpeed config

@@ -23,7 +23,8 @@ BLOCK_LINEARS = ("attn_qkv", "attn_out", "mlp_in", "mlp_out")
 class FP8Config:
     backend: Literal["torchao", "te"] = "torchao"
     # "" = the backend's default: tensorwise (torchao) or delayed scaling (TE)
-    # rowwise_with_gw_hp: rowwise, with the weight-gradient matmul in bf16 (torchao's recipe)
+    # torchao: tensorwise (one scale per tensor), rowwise (per row), rowwise_with_gw_hp (rowwise,
+    # the weight-gradient matmul in bf16, the weight's cast for the input gradient tensorwise)
     recipe: Literal["", "tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed", "current"] = ""
     amax_history_len: int = 16             # TE delayed scaling
     amax_compute_algo: Literal["max", "most_recent"] = "max"

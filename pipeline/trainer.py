@@ -155,8 +155,8 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
     engine, _, _, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config, dist_init_required=False, mpu=mpu)
-    if cfg.train.fuse_grad_update:
-        fuse_bf16_grad_update(engine)
+    if cfg.train.fuse_grad_update and fuse_bf16_grad_update(engine):
+        log.info("fp32 gradients over bf16 weights: fused update (train.fuse_grad_update)")
     if cfg.train.precision == "bf16-mixed" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
         raise ConfigError(f"train.precision=bf16-mixed needs DeepSpeed's torch_autocast (deepspeed "
                           f"{deepspeed.__version__} lacks it): upgrade deepspeed or use train.precision=bf16")

@@ -106,8 +106,10 @@ def ray_cluster():
             pytest.fail(f"ray start failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         yield {"address": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        _stop_cluster([temp_dir, f"127.0.0.1:{gcs}"])
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        try:
+            _stop_cluster([temp_dir, f"127.0.0.1:{gcs}"])
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):

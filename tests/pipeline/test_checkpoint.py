@@ -185,3 +185,11 @@ def test_a_tp_checkpoint_from_before_the_head_padding_setting_names_it():
     assert ckpt.config_differences(old, {"parallel": {"tensor": 2, "head_multiple": 1}}) == ([], [])
     no_tp = {"parallel": {"tensor": 1}}  # no TP: the head is never padded in the weights
     assert ckpt.config_differences(no_tp, {"parallel": {"tensor": 1, "head_multiple": 128}}) == ([], [])
+
+
+def test_a_checkpoint_from_before_the_fused_gradient_update_says_it_ran_deepspeeds():
+    old = {"train": {"precision": "bf16", "zero_stage": 1}}
+    assert ckpt.config_differences(old, {"train": {**old["train"], "grad_precision": "bf16", "fuse_grad_update": True}}) == \
+        ([], ["train.fuse_grad_update: False -> True"])  # the same sums: a resume may change it
+    fp32 = {"train": {"precision": "fp32"}}  # no bf16 gradients to fuse
+    assert ckpt.config_differences(fp32, {"train": {"precision": "fp32", "fuse_grad_update": True}}) == ([], [])

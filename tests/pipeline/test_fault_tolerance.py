@@ -15,10 +15,14 @@ FAST = ("tracking.enabled=false", "train.log_every=1", "eval.max_batches=1", "sa
         "sample.steps=4")
 
 
-def start_training(run_dir: Path, data: Path, *overrides: str) -> subprocess.Popen:
+def start_training(run_dir: Path, data: Path, *overrides: str, mlflow_uri: str | None = None) -> subprocess.Popen:
+    """pipeline/train.py in one process; MLflow tracks to mlflow_uri through MLFLOW_TRACKING_URI,
+    as users point it at a server, or else to the run dir's sqlite store, whatever this process has."""
     cmd = [sys.executable, "pipeline/train.py", "--config", "configs/train/tiny-test.yaml",
            f"data.path={data}", f"run_dir={run_dir}", *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    if mlflow_uri:
+        env["MLFLOW_TRACKING_URI"] = mlflow_uri
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

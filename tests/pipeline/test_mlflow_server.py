@@ -69,12 +69,11 @@ def server(tmp_path):
     srv.stop()
 
 
-def test_training_survives_a_server_outage_and_delivers_every_metric(markov_data, tmp_path, server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+def test_training_survives_a_server_outage_and_delivers_every_metric(markov_data, tmp_path, server):
     run_dir = tmp_path / "run"
     # Enough steps after the outage begins that metrics are certainly logged into it.
     proc = start_training(run_dir, markov_data, "train.max_steps=200", "train.log_every=1",
-                          "train.checkpoint_every=0", "eval.max_batches=1")
+                          "train.checkpoint_every=0", "eval.max_batches=1", mlflow_uri=server.uri)
     wait_for_line(proc, "step 5/200")
     server.stop()
     # whichever call heads the queue when the server dies reports the outage (under load it can
@@ -94,14 +93,13 @@ def test_training_survives_a_server_outage_and_delivers_every_metric(markov_data
     assert "samples" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_a_server_down_at_start_gets_the_whole_run_once_it_answers(markov_data, tmp_path, monkeypatch):
+def test_a_server_down_at_start_gets_the_whole_run_once_it_answers(markov_data, tmp_path):
     """The tracking server is down when training starts (restarting, say): training goes on, and
     once the server answers the run is created with its params and every metric since step 1."""
     srv = MlflowServer(tmp_path / "store", free_port())
     (tmp_path / "store").mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
     proc = start_training(tmp_path / "run", markov_data, "train.max_steps=60", "train.log_every=1",
-                          "train.checkpoint_every=0", "eval.max_batches=1")
+                          "train.checkpoint_every=0", "eval.max_batches=1", mlflow_uri=srv.uri)
     try:
         lines = wait_for_line(proc, "does not answer")
         lines += wait_for_line(proc, "step 3/60")  # training did not wait for the server

@@ -63,7 +63,13 @@ def test_estimate_follows_the_formulas():
     assert est.weights_gib == pytest.approx(2 * p / 16 / GIB)
     assert est.grads_gib == pytest.approx(4 * p / 16 / GIB)   # accumulated in fp32 (train.grad_precision)
     assert estimate(cfg, 4, 3, 4, 1024, 64, grad_precision="bf16").grads_gib == pytest.approx(2 * p / 16 / GIB)
-    assert estimate(cfg, 4, 1, 4, 1024, 64).grads_gib == pytest.approx(6 * p / GIB)  # ZeRO-1: fp32 + bf16, whole
+    # ZeRO-1, whole: the fp32 buffer, plus the bf16 gradients where they are kept between micro-batches
+    zero1 = estimate(cfg, 4, 1, 4, 1024, 64)
+    assert zero1.grads_gib == pytest.approx(4 * p / GIB) and zero1.activations_gib > 2 * p / GIB
+    assert estimate(cfg, 4, 1, 4, 1024, 64, fuse_grad_update=False).grads_gib == pytest.approx(6 * p / GIB)
+    # fused, the bf16 gradients count where they outgrow what the backward frees
+    small = estimate(cfg, 4, 1, 1, 16, 64)
+    assert small.grads_gib == pytest.approx(6 * p / GIB - small.activations_gib)
     assert est.optimizer_gib == pytest.approx(12 * p / 16 / GIB)
     assert est.ema_gib == pytest.approx(4 * p / 16 / GIB)  # ZeRO 1-3 partition the EMA too
     assert estimate(cfg, 4, 2, 4, 1024, 64).ema_gib == pytest.approx(4 * p / 16 / GIB)
