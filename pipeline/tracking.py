@@ -5,7 +5,9 @@ kept and retried with backoff, so a server outage delays metrics instead of losi
 that keeps failing while the server answers (an artifact store this node cannot write, a rejected
 value) is dropped with a warning after 5 tries (about 30 s of backoff), so it cannot hold back
 the calls behind it. A server that does not answer at start delays the run itself the same way:
-it is opened (or reopened) once the server answers, and the calls queued meanwhile follow.
+it is opened (or reopened) once the server answers, and the calls queued meanwhile follow. The
+run carries a token tag of its tracker, so a retried create whose first reply was lost finds the
+run it made instead of leaving it RUNNING beside a second one.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+OPEN_TOKEN_TAG = "mdlm_tracker_token"
 
 
 def default_tracking_uri(run_dir: str | Path) -> str:
@@ -51,8 +55,16 @@ class Tracker:
         self._cond = threading.Condition()
         self._closing = False
         self._disabled = False
+        # tags the run this tracker creates: a create_run whose reply was lost (the server wrote
+        # the run, then the connection failed) is found on the retry instead of made twice
+        self._open_token, self._create_tried = uuid.uuid4().hex, False
         try:
-            self._open()
+            try:
+                self._open()
+            except Exception:
+                if not self._server_answers():
+                    raise
+                self._open()  # once more: a lost reply is found by its token, a refusal raises again
         except Exception as err:
             if self._server_answers():  # the store answers and refuses: a setup error, raised as such
                 raise
@@ -97,7 +109,15 @@ class Tracker:
                 experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
         else:
             experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, tags=resolve_tags(), run_name=self.run_name or None)
+        if self._create_tried:
+            made = self.client.search_runs([experiment_id], f"tags.{OPEN_TOKEN_TAG} = '{self._open_token}'",
+                                           max_results=1)
+            if made:
+                self.run_id, self.new_run = made[0].info.run_id, True
+                return
+        self._create_tried = True
+        run = self.client.create_run(experiment_id, tags={**resolve_tags(), OPEN_TOKEN_TAG: self._open_token},
+                                     run_name=self.run_name or None)
         self.run_id, self.new_run = run.info.run_id, True
 
     # ---- background delivery -------------------------------------------------------------

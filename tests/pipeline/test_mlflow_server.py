@@ -230,3 +230,48 @@ def test_a_resume_whose_mlflow_run_is_not_in_this_store_starts_a_new_run(tmp_pat
             tracker.end(timeout_s=30)
         assert tracker.run_id != stale and f"MLflow run {stale} of the checkpoint is not in" in caplog.text
         assert [m.step for m in client.get_metric_history(tracker.run_id, "train/loss")] == [7]
+
+
+@pytest.mark.parametrize("at_start", [True, False])
+def test_a_create_run_whose_reply_is_lost_leaves_one_run_not_two(tmp_path, monkeypatch, in_process_mlflow, at_start):
+    """The store writes the run, then the reply is lost (a timeout on the way back): the retry
+    must find that run, not create a second one and leave the first RUNNING forever. At start the
+    store answers at once; later, as when a server that was down comes back, from the queue."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import OPEN_TOKEN_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    real_create, lost = MlflowClient.create_run, []
+
+    def create_run_reply_lost(self, *args, **kwargs):
+        run = real_create(self, *args, **kwargs)
+        if not lost:
+            lost.append(run.info.run_id)
+            raise MlflowException("API request to /api/2.0/mlflow/runs/create failed: Read timed out")
+        return run
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_run_reply_lost)
+    if not at_start:  # the first open fails before reaching the store, and is queued
+        real_get = MlflowClient.get_experiment_by_name
+        calls = []
+
+        def store_down_once(self, name):
+            calls.append(name)
+            if len(calls) <= 2:
+                raise MlflowException("API request failed: Connection refused")
+            return real_get(self, name)
+
+        monkeypatch.setattr(MlflowClient, "get_experiment_by_name", store_down_once)
+        monkeypatch.setattr(Tracker, "_server_answers", lambda self: len(calls) > 2)
+    tracker = Tracker(uri, "exp", retry_wait_s=0.05, max_wait_s=0.1)
+    try:
+        tracker.log_metrics({"train/loss": 0.5}, 1)
+        assert tracker.flush(30)
+    finally:
+        assert tracker.end(timeout_s=30)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert [r.info.run_id for r in runs] == lost == [tracker.run_id]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["train/loss"] == 0.5
+    assert runs[0].data.tags[OPEN_TOKEN_TAG] == tracker._open_token
