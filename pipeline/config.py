@@ -19,8 +19,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1234
     eval_split: str = "val"
-    # "shard": each rank reads its own shards (scales); "sample": every rank reads every shard and
-    # keeps every W-th sample, so the global batches do not depend on the world size.
+    # "shard": each rank reads its own 1/W contiguous part of each epoch (scales); "sample": every
+    # rank reads every shard and keeps every W-th sample, so the global batches do not depend on
+    # the world size.
     split_by: Literal["shard", "sample"] = "shard"
     check_sha256: bool = True      # each shard's bytes against the manifest's sha256 as it is read
 

@@ -1,10 +1,15 @@
 """Deterministic, resumable streaming of webdataset shards for each data-parallel rank.
 
-Per epoch the shard order is a seeded permutation; rank r reads shards r, r+W, ... (or, with
-fewer shards than ranks or split_by="sample", every W-th sample of every shard: the global
-order is then the same for every world size, at W times the reading). Inside a shard the samples are
-visited in a seeded permutation. The position (epoch, shard cursor, sample cursor) is therefore
-enough to resume exactly at the next unseen sample, skipping finished shards without reading them.
+An epoch is one pass over the split as a sequence: the shards in a seeded permutation, each
+shard's samples in a seeded permutation. split_by="shard" gives rank r the r-th of W equal,
+contiguous ranges of that sequence, so a rank reads about 1/W of the shards (and at most two it
+shares with a neighbour); a looping stream drops the last (total mod W) < W samples of each epoch,
+so every rank's epoch has the same length, epochs change at the same step on every rank and no
+sample is seen twice within one. split_by="sample" gives rank r the positions p = r mod W of the
+endless sequence of epochs: the global order is the same for every world size and nothing is
+dropped, at W times the reading. A single pass (loop=False) covers every sample. The position
+(epoch, segment cursor, sample cursor) is enough to resume exactly at the next unseen sample,
+skipping finished shards without reading them.
 """
 from __future__ import annotations
 
@@ -112,11 +117,22 @@ class ShardRead:
         return self._samples
 
 
+PLAN_VERSION = 2  # how an epoch is split between ranks; a saved position is only valid in its own
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: int   # index into the split's shards
+    start: int   # start:stop:step of the shard's sample order for this epoch
+    stop: int
+    step: int
+
+
 @dataclass
 class StreamPosition:
     epoch: int = 0
-    shard_cursor: int = 0      # index into this rank's shard list for the epoch
-    sample_cursor: int = 0     # samples of the current shard already yielded
+    segment_cursor: int = 0      # index into this rank's segments for the epoch
+    sample_cursor: int = 0     # samples of the current segment already yielded
     samples_seen: int = 0      # total over the run
 
 
@@ -143,57 +159,104 @@ class ShardStream:
         if split_by not in ("shard", "sample"):
             raise ValueError(f"split_by must be 'shard' or 'sample', got {split_by!r}")
         self.split_by = split_by
+        self.counts = np.array([int(shard["samples"]) for shard in self.shards], dtype=np.int64)
+        if loop and int(self.counts.sum()) < world_size:
+            raise ValueError(f"split '{split}' of {self.data_dir} has {int(self.counts.sum())} samples, fewer than "
+                             f"the {world_size} data-parallel ranks: prepare more data or train on fewer ranks")
+        # a saved position counts samples of these shards: another list (data added, shards
+        # rewritten) gives its cursors another meaning
+        self.shards_digest = hashlib.sha256(json.dumps([[s["name"], int(s["samples"])] for s in self.shards])
+                                            .encode()).hexdigest()[:16]
+        self._plans: dict[int, list[Segment]] = {}
+        self._starts: tuple[int, list[int]] = (-1, [])
         self.position = StreamPosition()
 
-    def _epoch_plan(self, epoch: int) -> tuple[list[int], bool]:
+    def _epoch_plan(self, epoch: int) -> list[Segment]:
+        """This rank's part of the epoch: positions start:stop:step of each shard's sample order."""
+        if epoch in self._plans:
+            return self._plans[epoch]
         order = np.arange(len(self.shards))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        if self.split_by == "shard" and len(order) >= self.world_size:
-            return [int(i) for i in order[self.rank::self.world_size]], False
-        return [int(i) for i in order], True
+        bounds = np.concatenate([[0], np.cumsum(self.counts[order])]).tolist()
+        total, world, rank = bounds[-1], self.world_size, self.rank
+        plan = []
+        if self.split_by == "sample":
+            phase = (rank - epoch * total) % world  # epoch-local positions q with (epoch * total + q) % W == rank
+            for j, shard_index in enumerate(order.tolist()):
+                first = bounds[j] + (phase - bounds[j]) % world
+                if first < bounds[j + 1]:
+                    plan.append(Segment(shard_index, first - bounds[j], bounds[j + 1] - bounds[j], world))
+        else:
+            if self.loop:
+                lo, hi = rank * (total // world), (rank + 1) * (total // world)
+            else:
+                lo, hi = rank * total // world, (rank + 1) * total // world
+            for j in range(int(np.searchsorted(bounds, lo, side="right")) - 1, len(order)):
+                if bounds[j] >= hi:
+                    break
+                start, stop = max(lo, bounds[j]) - bounds[j], min(hi, bounds[j + 1]) - bounds[j]
+                if stop > start:
+                    plan.append(Segment(int(order[j]), start, stop, 1))
+        self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+        self._plans[epoch] = plan
+        return plan
 
-    def _sample_order(self, epoch: int, shard_index: int, count: int, interleaved: bool) -> np.ndarray:
+    def epochs_done(self) -> float:
+        """Epochs this rank has consumed, the current one as the fraction of its samples yielded."""
+        pos = self.position
+        if self._starts[0] != pos.epoch:  # samples before each segment of the epoch, and in all
+            lengths = [len(range(s.start, s.stop, s.step)) for s in self._epoch_plan(pos.epoch)]
+            self._starts = (pos.epoch, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist())
+        starts = self._starts[1]
+        done = starts[min(pos.segment_cursor, len(starts) - 1)] + pos.sample_cursor
+        return pos.epoch + (done / starts[-1] if starts[-1] else 0.0)
+
+    def _sample_order(self, epoch: int, shard_index: int, count: int) -> np.ndarray:
         order = np.arange(count)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(order)
-        if interleaved:
-            order = order[self.rank::self.world_size]
         return order
 
-    def _upcoming(self, epoch: int, plan: list[int], cursor: int) -> int | None:
+    def _upcoming(self, epoch: int, plan: list[Segment], cursor: int) -> int | None:
         """The shard this rank reads after plan[cursor] (the next epoch's first when looping)."""
         if cursor + 1 < len(plan):
-            return plan[cursor + 1]
-        if self.loop:
-            return self._epoch_plan(epoch + 1)[0][0]
-        return None
+            return plan[cursor + 1].shard
+        following = self._epoch_plan(epoch + 1) if self.loop else []
+        return following[0].shard if following else None
 
     def __iter__(self):
         # the next shard is read and decoded in a background thread while this one is consumed:
         # the training loop never waits on storage at a shard boundary (the order is unchanged)
         pending: tuple[int, ShardRead] | None = None
+        current: tuple[int, list[dict]] | None = None  # a shard shared by two segments is read once
         pos = self.position
         while True:
-            plan, interleaved = self._epoch_plan(pos.epoch)
-            while pos.shard_cursor < len(plan):
-                shard_index = plan[pos.shard_cursor]
-                shard = self.shards[shard_index]
-                if pending is not None and pending[0] == shard_index:
+            plan = self._epoch_plan(pos.epoch)
+            while pos.segment_cursor < len(plan):
+                segment = plan[pos.segment_cursor]
+                if pos.sample_cursor >= len(range(segment.start, segment.stop, segment.step)):
+                    pos.segment_cursor += 1  # a position saved at a segment's end: its shard is done
+                    pos.sample_cursor = 0
+                    continue
+                if current is not None and current[0] == segment.shard:
+                    samples = current[1]
+                elif pending is not None and pending[0] == segment.shard:
                     samples = pending[1].result()
                 else:
-                    samples = self._read(shard)
-                upcoming = self._upcoming(pos.epoch, plan, pos.shard_cursor)
+                    samples = self._read(self.shards[segment.shard])
+                current = (segment.shard, samples)
+                upcoming = self._upcoming(pos.epoch, plan, pos.segment_cursor)
                 pending = None
-                if upcoming is not None and upcoming != shard_index:
+                if upcoming is not None and upcoming != segment.shard:
                     pending = (upcoming, ShardRead(self._read, self.shards[upcoming]))
-                yield from self._shard_samples(pos, shard, shard_index, samples, interleaved)
-                pos.shard_cursor += 1
+                yield from self._segment_samples(pos, segment, samples)
+                pos.segment_cursor += 1
                 pos.sample_cursor = 0
             if not self.loop:
                 return
             pos.epoch += 1
-            pos.shard_cursor = 0
+            pos.segment_cursor = 0
 
     def _read(self, shard: dict) -> list[dict]:
         """The shard's samples, read with retries, checked against the manifest: count, length,
@@ -224,9 +287,8 @@ class ShardStream:
                                  f"{ids}, but the manifest says {seq_len} tokens with ids in 0..{vocab - 1}; {verify}")
         return samples
 
-    def _shard_samples(self, pos: StreamPosition, shard: dict, shard_index: int, samples: list[dict],
-                       interleaved: bool):
-        order = self._sample_order(pos.epoch, shard_index, len(samples), interleaved)
+    def _segment_samples(self, pos: StreamPosition, segment: Segment, samples: list[dict]):
+        order = self._sample_order(pos.epoch, segment.shard, len(samples))[segment.start:segment.stop:segment.step]
         while pos.sample_cursor < len(order):
             sample = samples[order[pos.sample_cursor]]
             pos.sample_cursor += 1
@@ -234,15 +296,25 @@ class ShardStream:
             yield sample
 
     def state_dict(self) -> dict:
-        return {**asdict(self.position), "world_size": self.world_size, "rank": self.rank, "seed": self.seed}
+        return {**asdict(self.position), "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
+                "shuffle": self.shuffle, "split_by": self.split_by, "shards": self.shards_digest,
+                "plan": PLAN_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("world_size") != self.world_size or state.get("seed") != self.seed:
-            warnings.warn(f"data position was saved with world_size={state.get('world_size')} "
-                          f"seed={state.get('seed')}, resuming with world_size={self.world_size} "
-                          f"seed={self.seed}: restarting epoch {state.get('epoch', 0)} from its start")
-            self.position = StreamPosition(epoch=state.get("epoch", 0),
-                                           samples_seen=state.get("samples_seen", 0))
+        mine = {"world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle, "split_by": self.split_by,
+                "shards": self.shards_digest}
+        if state.get("plan") != PLAN_VERSION:  # its cursors count the segments of another plan
+            reason = f"by an earlier data loader (plan {state.get('plan', 1)}, now {PLAN_VERSION})"
+        else:
+            differ = [k for k, v in mine.items() if k != "shards" and state.get(k) != v]
+            reasons = [f"with {' '.join(f'{k}={state.get(k)}' for k in differ)}, resuming with "
+                       f"{' '.join(f'{k}={mine[k]}' for k in differ)}"] if differ else []
+            if state.get("shards") != self.shards_digest:
+                reasons.append("for other shards (the split's shard list or sample counts have changed)")
+            reason = "; ".join(reasons)
+        if reason:
+            warnings.warn(f"data position was saved {reason}: restarting epoch {state.get('epoch', 0)} from its start")
+            self.position = StreamPosition(epoch=state.get("epoch", 0), samples_seen=state.get("samples_seen", 0))
             return
         self.position = StreamPosition(**{k: state[k] for k in asdict(StreamPosition())})
 

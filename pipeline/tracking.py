@@ -7,7 +7,9 @@ value) is dropped with a warning after 5 tries (about 30 s of backoff), so it ca
 the calls behind it. A server that does not answer at start delays the run itself the same way:
 it is opened (or reopened) once the server answers, and the calls queued meanwhile follow. The
 run carries a token tag of its tracker, so a retried create whose first reply was lost finds the
-run it made instead of leaving it RUNNING beside a second one.
+run it made instead of leaving it RUNNING beside a second one. The token goes into checkpoints
+with the run id: a run that opened only after the last checkpoint (a server that came back at the
+end) is still found and continued by the resume.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def default_tracking_uri(run_dir: str | Path) -> str:
 
 class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                 artifact_dir: str | Path | None = None, max_pending: int = 100_000,
+                 run_token: str | None = None, artifact_dir: str | Path | None = None, max_pending: int = 100_000,
                  retry_wait_s: float = 2.0, max_wait_s: float = 60.0, system_metrics: bool = False,
                  system_metrics_interval_s: float = 10.0, start_step: int = 0, max_tries: int = 5):
         # MLflow's own HTTP retries would block for minutes per call during an outage; this
@@ -56,8 +58,10 @@ class Tracker:
         self._closing = False
         self._disabled = False
         # tags the run this tracker creates: a create_run whose reply was lost (the server wrote
-        # the run, then the connection failed) is found on the retry instead of made twice
-        self._open_token, self._create_tried = uuid.uuid4().hex, False
+        # the run, then the connection failed) is found on the retry instead of made twice; a
+        # checkpoint's token finds the run an earlier process opened after that checkpoint
+        self.run_token, self._inherited_token = run_token or uuid.uuid4().hex, run_token is not None
+        self._create_tried = False
         try:
             try:
                 self._open()
@@ -109,14 +113,18 @@ class Tracker:
                 experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
         else:
             experiment_id = experiment.experiment_id
-        if self._create_tried:
-            made = self.client.search_runs([experiment_id], f"tags.{OPEN_TOKEN_TAG} = '{self._open_token}'",
+        if self._create_tried or self._inherited_token:
+            made = self.client.search_runs([experiment_id], f"tags.{OPEN_TOKEN_TAG} = '{self.run_token}'",
                                            max_results=1)
+            if made and not self._create_tried:  # made by an earlier process of this training
+                self.client.update_run(made[0].info.run_id, status="RUNNING")
+                self.run_id, self.new_run = made[0].info.run_id, False
+                return
             if made:
                 self.run_id, self.new_run = made[0].info.run_id, True
                 return
         self._create_tried = True
-        run = self.client.create_run(experiment_id, tags={**resolve_tags(), OPEN_TOKEN_TAG: self._open_token},
+        run = self.client.create_run(experiment_id, tags={**resolve_tags(), OPEN_TOKEN_TAG: self.run_token},
                                      run_name=self.run_name or None)
         self.run_id, self.new_run = run.info.run_id, True
 

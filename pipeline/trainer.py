@@ -263,6 +263,7 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self.mlflow_run_id: str | None = None
+        self.mlflow_run_token: str | None = None  # tags the MLflow run: found even if it opened after a save
         self._saved_step: int | None = None  # the step of the newest checkpoint this run holds
         if resume:
             self._restore(self.checkpoints.load(self.engine, resume, check=self._check_resumable))
@@ -341,7 +342,8 @@ class Trainer:
         uri = tc.uri or default_tracking_uri(self.run_dir)
         try:
             artifacts = self.run_dir / "mlartifacts" if uri.startswith("sqlite:") else None
-            tracker = Tracker(uri, tc.experiment, tc.run_name, run_id=self.mlflow_run_id, artifact_dir=artifacts,
+            tracker = Tracker(uri, tc.experiment, tc.run_name, run_id=self.mlflow_run_id,
+                              run_token=self.mlflow_run_token, artifact_dir=artifacts,
                               system_metrics=tc.system_metrics, system_metrics_interval_s=tc.system_metrics_interval_s,
                               start_step=self.step)
         except Exception as err:
@@ -355,6 +357,7 @@ class Trainer:
         tracker.log_artifact(self.run_dir / "config.yaml", new_run_only=True)
         tracker.log_artifact(Path(self.cfg.data.path) / "manifest.json", new_run_only=True)
         self.mlflow_run_id = tracker.run_id or self.mlflow_run_id
+        self.mlflow_run_token = tracker.run_token
         return tracker
 
     # ---- checkpoint state ----------------------------------------------------------------
@@ -381,6 +384,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "run_config": to_dict(self.cfg),
             "mlflow_run_id": self.mlflow_run_id,
+            "mlflow_run_token": self.mlflow_run_token,
             # how the weights in this checkpoint's mp_rank_XX files are split (convert_tp reads it)
             "parallel": {"tensor": self.tp, "data": self.dp_world, "layout": self.tp_layout},
         }
@@ -415,6 +419,7 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.mlflow_run_id = state.get("mlflow_run_id")
+        self.mlflow_run_token = state.get("mlflow_run_token")
         if self.ema:  # (collective under ZeRO-3)
             self.ema.load_state_dict(state.get("ema"), self.device)
         per_rank = state.get("per_rank") or []
@@ -424,8 +429,8 @@ class Trainer:
             torch.set_rng_state(mine["rng"]["cpu"])
             if "cuda" in mine["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
-        elif per_rank:
-            self.stream.load_state_dict({**per_rank[0]["data"], "world_size": state.get("world_size")})
+        elif per_rank:  # another data-parallel size: the position names it, and the epoch restarts
+            self.stream.load_state_dict(per_rank[0]["data"])
         if self.rank == 0:
             log.info("resumed at step %d (%d tokens seen)", self.step, self.tokens_seen)
 
@@ -542,7 +547,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "train/skipped_steps": self.skipped_steps}
+                "train/skipped_steps": self.skipped_steps, "train/epoch": self.stream.epochs_done()}
 
     def eval_model(self) -> torch.nn.Module:
         with torch.device(self.device):  # initialised where it runs: no full fp32 model on the host

@@ -4,10 +4,13 @@ import itertools
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from pipeline.data import ShardStream, batches
+
+from tests.synthetic import write_markov_shards
 
 from .conftest import ROOT
 
@@ -25,11 +28,149 @@ def test_ranks_partition_each_epoch_exactly(markov_data):
     assert len(seen) == len(set(seen)) == epoch
 
 
-def test_fewer_shards_than_ranks_interleaves_samples(markov_data):
+@pytest.mark.parametrize("split_by", ["shard", "sample"])
+def test_fewer_shards_than_ranks_still_give_each_sample_to_one_rank(markov_data, split_by):
     seen = []
     for rank in range(3):  # val has a single shard of 64 samples
-        seen += [s["key"] for s in ShardStream(markov_data, "val", rank, 3, shuffle=False, loop=False)]
+        seen += [s["key"] for s in ShardStream(markov_data, "val", rank, 3, shuffle=False, loop=False,
+                                               split_by=split_by)]
     assert sorted(seen) == sorted(set(seen)) and len(seen) == 64
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory) -> Path:
+    """301 training samples in shards of 64, 64, 64, 64 and 45: no world size divides them."""
+    out = tmp_path_factory.mktemp("uneven")
+    write_markov_shards(out, vocab=16, seq_len=32, train_samples=301, val_samples=67, samples_per_shard=64)
+    return out
+
+
+def rank_streams(data, world, split_by, epochs, seed=4):
+    """Each rank's keys and epoch numbers for `epochs` epochs of the looping training stream."""
+    out = []
+    for rank in range(world):
+        stream = ShardStream(data, "train", rank, world, seed=seed, split_by=split_by)
+        it, seen = iter(stream), []
+        for _ in range(epochs * (301 // world)):
+            seen.append((next(it)["key"], stream.position.epoch))
+        out.append(seen)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 6])
+def test_uneven_shards_give_every_rank_equal_epochs_without_a_repeat(uneven_data, world):
+    """Shards that no world size divides (and more ranks than shards): every rank's epoch is
+    301 // W samples, the r-th contiguous part of the one-rank epoch, all ranks change epoch at the
+    same sample, no sample repeats within an epoch, and the 301 mod W left out change each epoch."""
+    (single,) = rank_streams(uneven_data, 1, "shard", epochs=3)
+    streams = rank_streams(uneven_data, world, "shard", epochs=3)
+    per_epoch = 301 // world
+    left_out = []
+    for epoch in range(3):
+        whole = [k for k, _ in single[epoch * 301:(epoch + 1) * 301]]
+        window = slice(epoch * per_epoch, (epoch + 1) * per_epoch)
+        assert all(e == epoch for seen in streams for _, e in seen[window])
+        for rank, seen in enumerate(streams):
+            assert [k for k, _ in seen[window]] == whole[rank * per_epoch:(rank + 1) * per_epoch]
+        epoch_keys = [k for seen in streams for k, _ in seen[window]]
+        assert len(epoch_keys) == len(set(epoch_keys)) == world * per_epoch
+        left_out.append(set(whole) - set(epoch_keys))
+        assert len(left_out[-1]) == 301 % world
+    assert left_out[0] != left_out[1] != left_out[2]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_split_by_sample_keeps_the_global_order_of_one_rank_across_epochs(uneven_data, world):
+    """Rank r's j-th sample is sample j * W + r of the one-rank stream, across epoch boundaries of
+    a split that W does not divide: the global batches do not depend on the world size."""
+    (single,) = rank_streams(uneven_data, 1, "sample", epochs=4)
+    streams = rank_streams(uneven_data, world, "sample", epochs=4)  # four epoch boundaries
+    n = len(streams[-1])
+    interleaved = [streams[r][j][0] for j in range(n) for r in range(world)]
+    assert n * world > 3 * 301 and interleaved == [k for k, _ in single[:n * world]]
+    assert sorted(k for k, _ in single[:301]) == [f"train-{i:08d}" for i in range(301)]
+
+
+@pytest.mark.parametrize("split_by", ["shard", "sample"])
+def test_a_single_pass_covers_every_sample_once_on_any_world_size(uneven_data, split_by):
+    seen = []
+    for rank in range(3):
+        seen += [s["key"] for s in ShardStream(uneven_data, "val", rank, 3, loop=False, split_by=split_by)]
+    assert sorted(seen) == [f"val-{i:08d}" for i in range(67)]
+
+
+@pytest.mark.parametrize("split_by", ["shard", "sample"])
+def test_a_position_inside_a_shard_two_ranks_share_resumes_exactly(uneven_data, split_by):
+    for rank in range(3):
+        reference = keys(iter(ShardStream(uneven_data, "train", rank, 3, seed=2, split_by=split_by)), 250)
+        for cut in (37, 100, 101, 150):  # inside shards, at the epoch's end (100 per rank), past it
+            partial = ShardStream(uneven_data, "train", rank, 3, seed=2, split_by=split_by)
+            head = keys(iter(partial), cut)
+            resumed = ShardStream(uneven_data, "train", rank, 3, seed=2, split_by=split_by)
+            resumed.load_state_dict(partial.state_dict())
+            assert head + keys(iter(resumed), 250 - cut) == reference
+
+
+def test_epochs_done_counts_the_fraction_of_the_rank_s_epoch(uneven_data):
+    stream = ShardStream(uneven_data, "train", 1, 3, seed=2)  # 100 samples per rank and epoch
+    it = iter(stream)
+    assert stream.epochs_done() == 0.0
+    keys(it, 25)
+    assert stream.epochs_done() == pytest.approx(0.25)
+    keys(it, 75)
+    assert stream.epochs_done() == pytest.approx(1.0)
+    keys(it, 150)
+    assert stream.epochs_done() == pytest.approx(2.5)
+    resumed = ShardStream(uneven_data, "train", 1, 3, seed=2)
+    resumed.load_state_dict(stream.state_dict())
+    assert resumed.epochs_done() == pytest.approx(2.5)
+    # split_by=sample: rank 1 of 2 has positions 1, 3, ... of 301 in epoch 0 (150), then 301, 303 ... (151)
+    interleaved = ShardStream(uneven_data, "train", 1, 2, seed=2, split_by="sample")
+    it = iter(interleaved)
+    keys(it, 75)
+    assert interleaved.epochs_done() == pytest.approx(0.5)
+    keys(it, 75 + 151)
+    assert interleaved.epochs_done() == pytest.approx(2.0)
+
+
+def test_a_resume_at_a_shard_s_end_does_not_read_that_shard_again(uneven_data, monkeypatch):
+    from pipeline import data
+
+    reads, real = [], data.read_shard
+    monkeypatch.setattr(data, "read_shard", lambda url, sha256=None: reads.append(url[-10:]) or real(url, sha256))
+    reference = keys(iter(ShardStream(uneven_data, "train", shuffle=False)), 400)
+    for cut, first_read in ((64, "000001.tar"), (301, "000000.tar")):  # a shard's end, the epoch's end
+        partial = ShardStream(uneven_data, "train", shuffle=False)
+        head = keys(iter(partial), cut)
+        resumed = ShardStream(uneven_data, "train", shuffle=False)
+        resumed.load_state_dict(partial.state_dict())
+        reads.clear()
+        assert head + keys(iter(resumed), 400 - cut) == reference
+        assert reads[0] == first_read
+
+
+def test_a_position_of_other_shards_restarts_its_epoch_with_a_warning(markov_data, uneven_data):
+    first = ShardStream(markov_data, "train", 0, 1, seed=1)
+    keys(iter(first), 10)
+    other = ShardStream(uneven_data, "train", 0, 1, seed=1)
+    with pytest.warns(UserWarning, match=r"saved for other shards \(the split's shard list or sample counts have "
+                                         r"changed\): restarting epoch 0"):
+        other.load_state_dict(first.state_dict())
+    assert (other.position.segment_cursor, other.position.sample_cursor, other.position.samples_seen) == (0, 0, 10)
+
+
+def test_a_position_saved_by_the_earlier_loader_restarts_its_epoch_with_a_warning(markov_data):
+    stream = ShardStream(markov_data, "train", 0, 2, seed=1)
+    with pytest.warns(UserWarning, match=r"saved by an earlier data loader \(plan 1, now 2\): restarting epoch 3"):
+        stream.load_state_dict({"epoch": 3, "shard_cursor": 1, "sample_cursor": 5, "samples_seen": 900,
+                                "world_size": 2, "rank": 0, "seed": 1})
+    assert (stream.position.epoch, stream.position.segment_cursor, stream.position.sample_cursor,
+            stream.position.samples_seen) == (3, 0, 0, 900)
+
+
+def test_more_ranks_than_training_samples_is_refused_by_name(markov_data):
+    with pytest.raises(ValueError, match=r"split 'val' of .* has 64 samples, fewer than the 65 data-parallel ranks"):
+        ShardStream(markov_data, "val", 0, 65)
 
 
 def test_resume_from_state_continues_with_the_next_unseen_sample(markov_data):
@@ -48,9 +189,9 @@ def test_world_size_change_restarts_the_epoch_with_a_warning(markov_data):
     first = ShardStream(markov_data, "train", 0, 2, seed=1)
     keys(iter(first), 10)
     other = ShardStream(markov_data, "train", 0, 1, seed=1)
-    with pytest.warns(UserWarning, match="restarting epoch 0"):
+    with pytest.warns(UserWarning, match="saved with world_size=2, resuming with world_size=1: restarting epoch 0"):
         other.load_state_dict(first.state_dict())
-    assert (other.position.shard_cursor, other.position.sample_cursor) == (0, 0)
+    assert (other.position.segment_cursor, other.position.sample_cursor) == (0, 0)
 
 
 def test_batches_are_long_tensors_of_seq_len(markov_data):
@@ -88,11 +229,10 @@ def test_the_next_shard_is_read_in_the_background_in_the_same_order(markov_data,
     reference = ShardStream(markov_data, "train", seed=3)
     plain = []
     for epoch in range(2):
-        plan, interleaved = reference._epoch_plan(epoch)
-        for shard_index in plan:
-            samples = data.read_shard(str(markov_data / reference.shards[shard_index]["name"]))
-            order = reference._sample_order(epoch, shard_index, len(samples), interleaved)
-            plain += [samples[i]["key"] for i in order]
+        for segment in reference._epoch_plan(epoch):
+            samples = data.read_shard(str(markov_data / reference.shards[segment.shard]["name"]))
+            order = reference._sample_order(epoch, segment.shard, len(samples))
+            plain += [samples[i]["key"] for i in order[segment.start:segment.stop:segment.step]]
     plain = plain[:200]
     monkeypatch.setattr(data, "read_shard", recording)
     stream = iter(ShardStream(markov_data, "train", seed=3))

@@ -94,30 +94,36 @@ def test_training_survives_a_server_outage_and_delivers_every_metric(markov_data
 
 
 def test_a_server_down_at_start_gets_the_whole_run_once_it_answers(markov_data, tmp_path):
-    """The tracking server is down when training starts (restarting, say): training goes on, and
-    once the server answers the run is created with its params and every metric since step 1."""
+    """The tracking server is down while the whole training runs (restarting, say): training goes
+    on, and once the server answers, after the last checkpoint, the run is created with its params
+    and every metric since step 1. That checkpoint never knew the run's id: a resume still finds
+    the run by its token and continues it, instead of starting a second one."""
     srv = MlflowServer(tmp_path / "store", free_port())
     (tmp_path / "store").mkdir()
-    proc = start_training(tmp_path / "run", markov_data, "train.max_steps=60", "train.log_every=1",
+    run_dir = tmp_path / "run"
+    proc = start_training(run_dir, markov_data, "train.max_steps=60", "train.log_every=1",
                           "train.checkpoint_every=0", "eval.max_batches=1", mlflow_uri=srv.uri)
     try:
         lines = wait_for_line(proc, "does not answer")
-        lines += wait_for_line(proc, "step 3/60")  # training did not wait for the server
+        lines += wait_for_line(proc, "checkpoint saved")  # all 60 steps trained without the server
         srv.start()
         out, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-        srv.stop()
-    assert proc.returncode == 0, "".join(lines) + out
-    srv.start()
-    try:
+        assert proc.returncode == 0, "".join(lines) + out
+        resumed = start_training(run_dir, markov_data, "train.max_steps=70", "train.log_every=1",
+                                 "train.checkpoint_every=0", "eval.max_batches=1", "--resume", "auto",
+                                 mlflow_uri=srv.uri)
+        out, _ = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, out
         client = MlflowClient(srv.uri)
-        run = client.search_runs(client.get_experiment_by_name("mdlm-pretrain").experiment_id)[0]
+        runs = client.search_runs(client.get_experiment_by_name("mdlm-pretrain").experiment_id)
+        assert len(runs) == 1, [r.info.run_id for r in runs]
+        run = runs[0]
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
-        assert steps == list(range(1, 61))
+        assert steps == list(range(1, 71))
         assert run.data.params["train.max_steps"] == "60" and run.info.status == "FINISHED"
         assert {"config.yaml", "manifest.json", "samples"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     finally:
+        proc.kill()
         srv.stop()
 
 
@@ -274,4 +280,33 @@ def test_a_create_run_whose_reply_is_lost_leaves_one_run_not_two(tmp_path, monke
     runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
     assert [r.info.run_id for r in runs] == lost == [tracker.run_id]
     assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["train/loss"] == 0.5
-    assert runs[0].data.tags[OPEN_TOKEN_TAG] == tracker._open_token
+    assert runs[0].data.tags[OPEN_TOKEN_TAG] == tracker.run_token
+
+
+def test_a_checkpoint_token_reopens_the_run_an_earlier_process_opened_after_saving(tmp_path, in_process_mlflow):
+    """A checkpoint saved before its run opened holds the tracker's token but no run id: the resume
+    reopens the run with that token (not a new run, its params not logged again); a token with no
+    run yet makes the run and tags it with that token."""
+    from pipeline.tracking import OPEN_TOKEN_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    first = Tracker(uri, "exp")
+    first.log_metrics({"train/loss": 1.0}, 1)
+    assert first.end(timeout_s=30)
+    again = Tracker(uri, "exp", run_id=None, run_token=first.run_token)
+    try:
+        assert (again.run_id, again.new_run) == (first.run_id, False)
+        assert MlflowClient(uri).get_run(first.run_id).info.status == "RUNNING"
+        again.log_params({"only.new": 1}, new_run_only=True)
+        again.log_metrics({"train/loss": 0.5}, 2)
+        assert again.flush(30)
+    finally:
+        assert again.end(timeout_s=30)
+    fresh = Tracker(uri, "exp", run_token="f" * 32)
+    assert fresh.end(timeout_s=30)
+    client = MlflowClient(uri)
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("exp").experiment_id])}
+    assert set(runs) == {first.run_id, fresh.run_id} and fresh.new_run is True
+    assert [m.step for m in client.get_metric_history(first.run_id, "train/loss")] == [1, 2]
+    assert "only.new" not in runs[first.run_id].data.params and runs[first.run_id].info.status == "FINISHED"
+    assert runs[fresh.run_id].data.tags[OPEN_TOKEN_TAG] == "f" * 32

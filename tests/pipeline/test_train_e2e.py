@@ -80,6 +80,7 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(runs):
     for key in ("eval/ppl_bound", "eval/nelbo", "eval/unigram_ppl", "train/lr", "train/grad_norm",
                 "perf/tokens_per_s"):
         assert key in metrics, key
+    assert metrics["train/epoch"] == pytest.approx(40 * 4 / 256)  # 4 samples a step of a rank's 256
     # the logged bound is the one in final_eval.json (40 steps on 4 val batches: noisy, so no
     # learning claim here; test_loss_decreases... makes it)
     summary = json.loads((runs["straight"] / "final_eval.json").read_text())
