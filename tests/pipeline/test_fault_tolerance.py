@@ -68,6 +68,24 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run_and_sees_each_sample_o
     assert len(set(keys)) == len(keys)  # nothing seen twice, nothing skipped within the epoch
 
 
+def test_a_resume_on_another_data_parallel_size_restarts_the_epoch_with_a_warning(markov_data, tmp_path):
+    """ZeRO-0 may resume on another number of ranks; the saved positions count another split of the
+    epoch, so the epoch restarts from its start (as the one-rank stream begins it), said so."""
+    from pipeline.data import ShardStream
+
+    run_dir = tmp_path / "run"
+    launch_train(run_dir, markov_data, *FAST, "train.zero_stage=0", "train.max_steps=6", "train.checkpoint_every=6",
+                 processes=2)
+    resumed = run_single(run_dir, markov_data, *FAST, "train.zero_stage=0", "train.max_steps=9",
+                         "train.record_sample_keys=true", resume="auto")
+    out = resumed.stdout + resumed.stderr
+    assert "data position was saved with world_size=2, resuming with world_size=1: restarting epoch 0" in out, out[-3000:]
+    recorded = [ln.split("\t") for ln in (run_dir / "sample_keys" / "rank0.tsv").read_text().splitlines()]
+    assert [int(step) for step, _ in recorded] == [step for step in range(7, 10) for _ in range(8)]
+    epoch_start = [s["key"] for _, s in zip(range(24), ShardStream(markov_data, "train", 0, 1, seed=1234))]
+    assert [key for _, key in recorded] == epoch_start
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(markov_data, tmp_path):
     """...with status 0 by default (train.exit_code_on_signal; the Kubernetes manifest's 143 is
     tested through torchrun in tests/cluster/test_multinode_local.py)."""
