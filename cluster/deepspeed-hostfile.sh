@@ -19,7 +19,7 @@
 #   --node-rank R         NODE_RANK        no-ssh mode: start only this node's ranks
 #   --log-dir DIR         MDLM_LOG_DIR     hostfile, environment file, per-rank logs (logs/deepspeed)
 #   --rank-logs                            one log file per rank in MDLM_LOG_DIR/ranks
-#   --dry-run                              print the deepspeed command and stop
+#   --dry-run                              write the hostfile and env file, print the command, launch nothing
 #   MDLM_PYTHON: interpreter whose deepspeed launcher is used (.venv/bin/python, else python3).
 #   MDLM_FORWARD_ENV: names of extra variables to pass to the remote ranks in pdsh mode.
 #

@@ -20,10 +20,10 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it and says what to do."""
 
 
-def _nearest(key: str, options: list[str]) -> str:
+def _nearest(key: str, options: list[str], where: str = "") -> str:
     close = difflib.get_close_matches(key, options, n=3, cutoff=0.4)
     listed = close or sorted(options)
-    return ", ".join(listed)
+    return ", ".join(f"{where}.{name}" if where else name for name in listed)
 
 
 def _type_name(tp: Any) -> str:
@@ -116,7 +116,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         key = unknown[0]
         full = f"{where}.{key}" if where else key
         raise ConfigError(
-            f"unknown config key '{full}'; nearest valid keys: {_nearest(str(key), list(fields))}"
+            f"unknown config key '{full}'; nearest valid keys: {_nearest(str(key), list(fields), where)}"
         )
     kwargs = {}
     for name, value in data.items():

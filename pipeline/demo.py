@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--processes", type=int, default=2, help="DeepSpeed processes (CPU: gloo)")
     p.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_steps=100")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after the options
     total_start = time.perf_counter()
     python = sys.executable
 

@@ -25,7 +25,7 @@ def test_yaml_plus_dotted_overrides(markov_data):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.max_step=5", "unknown config key 'train.max_step'; nearest valid keys: max_steps"),
+    ("train.max_step=5", "unknown config key 'train.max_step'; nearest valid keys: train.max_steps"),
     ("optimm.lr=1", "unknown config key 'optimm'; nearest valid keys: optim"),
     ("train.max_steps=many", "train.max_steps: expected an integer, got 'many'"),
     ("train.precision=fp16", "train.precision: 'fp16' is not one of 'bf16', 'bf16-mixed', 'fp32'"),
@@ -75,7 +75,7 @@ def test_train_cli_rejects_unknown_key_before_any_work(markov_data, tmp_path):
                            f"data.path={markov_data}", f"run_dir={tmp_path}", "train.max_stepz=3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown config key 'train.max_stepz'; nearest valid keys: max_steps" in proc.stderr
+    assert "unknown config key 'train.max_stepz'; nearest valid keys: train.max_steps" in proc.stderr
     assert not any(tmp_path.iterdir())
 
 
@@ -107,3 +107,10 @@ def test_deepspeed_json_that_contradicts_the_run_is_refused(markov_data, tmp_pat
     zero = build_deepspeed_config(shipped, 1)["zero_optimization"]
     assert offload_device(zero, "offload_optimizer") == offload_device(zero, "offload_param") == "cpu"
     assert offload_device({"offload_optimizer": {"device": "none"}}, "offload_optimizer") is None
+
+
+def test_train_cli_takes_overrides_on_both_sides_of_its_options():
+    from pipeline.train import parse_args
+
+    args = parse_args(["--config", "c.yaml", "train.max_steps=9", "--resume", "auto", "eval.seed=1"])
+    assert (args.config, args.resume, args.overrides) == ("c.yaml", "auto", ["train.max_steps=9", "eval.seed=1"])
