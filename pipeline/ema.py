@@ -68,8 +68,12 @@ class EMA:
         for n, t in self._sources(module).items():
             self.shadow[n].lerp_(t.float(), 1.0 - self.decay)
 
-    def full_state(self) -> dict:
-        return self.shadow
+    @torch.no_grad()
+    def full_state(self, into: dict | None = None) -> dict:
+        """The whole EMA; with `into` (name -> tensor, e.g. a model's state_dict()) copied there."""
+        if into is None:
+            return self.shadow
+        return {n: into[n].copy_(t) for n, t in self.shadow.items()}
 
     def describe(self) -> str:
         source = ", following the fp32 master weights" if self.masters is not None else ""
@@ -158,21 +162,25 @@ class ShardedEMA:
             shard.lerp_(src.detach().to(shard.device, torch.float32), 1.0 - self.decay)
 
     @torch.no_grad()
-    def full_state(self, everywhere: bool = True) -> dict | None:
+    def full_state(self, everywhere: bool = True, into: dict | None = None) -> dict | None:
         """Collective over the data-parallel group: the whole EMA on CPU, on every rank or (for
-        checkpoints) on the group's rank 0 only (None elsewhere)."""
+        checkpoints) on the group's rank 0 only (None elsewhere). With `into` (name -> tensor on
+        every rank, e.g. an evaluation model's state_dict()) each tensor is written there as it
+        arrives, and no whole copy is made."""
         out = {}
         dst = dist.get_global_rank(self.group, 0)
         for n, p in self.params:
             shard = self.shards[n].to(self.comm_device)
             parts = [torch.empty_like(shard) for _ in range(self.size)]
-            if everywhere:
+            if everywhere or into is not None:
                 dist.all_gather(parts, shard, group=self.group)
             else:
                 dist.gather(shard, parts if self.rank == 0 else None, dst=dst, group=self.group)
-            if everywhere or self.rank == 0:
+            if into is not None:
+                out[n] = into[n].copy_(torch.cat(parts)[:p.ds_numel].view(p.ds_shape))
+            elif everywhere or self.rank == 0:
                 out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
-        return out if everywhere or self.rank == 0 else None
+        return out if everywhere or into is not None or self.rank == 0 else None
 
     def state_dict(self) -> dict | None:
         # each ZeRO-3 rank writes its own model-states file: only the group's rank 0 carries the EMA
@@ -279,13 +287,19 @@ class PartitionedEMA:
             i += 1
 
     @torch.no_grad()
-    def full_state(self, everywhere: bool = True) -> dict | None:
+    def full_state(self, everywhere: bool = True, into: dict | None = None) -> dict | None:
         """Collective over the data-parallel group: the whole EMA on CPU, on every rank or (for
         checkpoints) on the group's rank 0 only (None elsewhere). Gathered in slices, so the
-        transient buffer stays at GATHER_ELEMENTS whatever the model size."""
+        transient buffer stays at GATHER_ELEMENTS whatever the model size. With `into` (name ->
+        tensor on every rank, e.g. an evaluation model's state_dict()) the slices are written
+        there, and no whole copy is made."""
+        everywhere = everywhere or into is not None
         out, receive = {}, everywhere or self.groups[0][1] == 0
         for shard, (group, rank, size, part, layout) in zip(self.shards, self.groups):
-            whole = {name: torch.empty(numel, dtype=torch.float32) for _, numel, name, _ in layout} if receive else {}
+            if into is not None:
+                whole = {name: into[name].view(-1) for _, _, name, _ in layout}
+            else:
+                whole = {name: torch.empty(numel, dtype=torch.float32) for _, numel, name, _ in layout} if receive else {}
             step = max(1, GATHER_ELEMENTS // size)
             for c0 in range(0, part, step):
                 c1 = min(part, c0 + step)
@@ -299,7 +313,7 @@ class PartitionedEMA:
                     continue
                 for r, got in enumerate(pieces):
                     lo, hi = r * part + c0, r * part + c1
-                    got = got.cpu()
+                    got = got if into is not None else got.cpu()
                     for offset, numel, name, _ in self._overlaps(layout, lo, hi):
                         s, e = max(lo, offset), min(hi, offset + numel)
                         whole[name][s - offset:e - offset] = got[s - lo:e - lo]

@@ -28,7 +28,7 @@ from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, compl
 from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
 from .data import ShardStream, batches, load_manifest
-from .ema import make_ema
+from .ema import GATHER_ELEMENTS, make_ema
 from .precision import apply_fp8, check_fp8, te_autocast
 from .distributed import init_distributed
 from .tracking import Tracker, default_tracking_uri
@@ -170,6 +170,19 @@ def te_linear_layout(config: dict) -> tuple[bool, bool]:
     fp8 = config.get("fp8", {})
     te = config.get("train", {}).get("precision") == "fp8" and fp8.get("backend") == "te"
     return te, te and bool(fp8.get("keep_first_last_block_bf16", False))
+
+
+def _check_names(filled, targets: dict, source: str) -> None:
+    missing, extra = sorted(set(targets) - set(filled)), sorted(set(filled) - set(targets))
+    if missing or extra:
+        raise RuntimeError(f"{source} does not match the evaluation model: missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}")
+
+
+def _fill(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
+    if target.shape != source.shape:
+        raise RuntimeError(f"{name}: shape {tuple(source.shape)} where the evaluation model has {tuple(target.shape)}")
+    target.copy_(source)
 
 
 class Trainer:
@@ -550,41 +563,64 @@ class Trainer:
                 "train/skipped_steps": self.skipped_steps, "train/epoch": self.stream.epochs_done()}
 
     def eval_model(self) -> torch.nn.Module:
+        """The whole model in fp32 on this rank's device, from the EMA or the trained weights,
+        written into it tensor by tensor (collective where they are partitioned): beside the
+        training states it costs one fp32 model, never a second whole copy on the host or device."""
         with torch.device(self.device):  # initialised where it runs: no full fp32 model on the host
             model = build_model(self.cfg.model)
-        if self.tp > 1:  # collective: gather the full weights from the tensor-parallel shards
-            return self._gather_tp_model(model).eval()
-        if self.ema and self.cfg.eval.use_ema:
-            model.load_state_dict(self.ema.full_state())
+        targets = model.state_dict()  # views of the model's tensors: filled in place
+        if self.tp > 1:  # gathered from the tensor-parallel shards
+            self._fill_from_tp_shards(targets)
+        elif self.ema and self.cfg.eval.use_ema:
+            _check_names(self.ema.full_state(into=targets), targets, "the EMA")
         else:
-            with self._gathered():  # load_state_dict casts to fp32 in place: no second fp32 copy
-                model.load_state_dict({plain_name(n): p.detach() for n, p in
-                                       strip_extra_state(self.engine.module.state_dict()).items()})
+            self._fill_from_engine(targets)
         return model.eval()
 
-    def _gather_tp_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        from model.tensor_parallel import merge_state_dicts
+    def _fill_from_engine(self, targets: dict) -> None:
+        state = strip_extra_state(self.engine.module.state_dict(keep_vars=True))
+        _check_names({plain_name(n) for n in state}, targets, "the trained model")
+        partitioned = [(n, t) for n, t in state.items() if hasattr(t, "ds_id")]  # ZeRO-3 parameters
+        for n, t in state.items():
+            if not hasattr(t, "ds_id"):
+                _fill(targets[plain_name(n)], t.detach(), n)
+        # a few ZeRO-3 parameters gathered at a time, not the whole model at once
+        start = 0
+        while start < len(partitioned):
+            end, elements = start + 1, partitioned[start][1].ds_numel
+            while end < len(partitioned) and elements + partitioned[end][1].ds_numel <= GATHER_ELEMENTS:
+                elements += partitioned[end][1].ds_numel
+                end += 1
+            import deepspeed
+
+            chunk = partitioned[start:end]
+            with deepspeed.zero.GatheredParameters(list({id(t): t for _, t in chunk}.values())):
+                for n, t in chunk:
+                    _fill(targets[plain_name(n)], t.detach(), n)
+            start = end
+
+    def _fill_from_tp_shards(self, targets: dict) -> None:
+        if self.ema and self.cfg.eval.use_ema:
+            self._merge_tp_shards(self.ema.full_state(), targets)  # this rank's shard: 1/TP of the model
+        else:
+            with self._gathered():
+                self._merge_tp_shards({plain_name(n): t.detach() for n, t in strip_extra_state(
+                    self.engine.module.state_dict()).items() if torch.is_tensor(t)}, targets)
+
+    def _merge_tp_shards(self, local: dict, targets: dict) -> None:
+        """Tensor by tensor on the device (the shards of one tensor have the same shape on every
+        rank; megatron-core pads the vocabulary): one tensor's gather at a time."""
+        from model.tensor_parallel import merge_tensors
 
         from .parallel import tensor_group
 
-        if self.ema and self.cfg.eval.use_ema:
-            local = self.ema.full_state()
-        else:
-            with self._gathered():
-                local = {plain_name(n): p.detach().float() for n, p in
-                         strip_extra_state(self.engine.module.state_dict()).items() if torch.is_tensor(p)}
-        # tensor by tensor on the device (the shards of one tensor have the same shape on every
-        # rank; megatron-core pads the vocabulary): the GPU holds one tensor's gather at a time,
-        # where pickled whole-shard objects took several GB of it for a large model
-        shards: list[dict] = [{} for _ in range(self.tp)]
+        _check_names(local, targets, "the tensor-parallel shards")
         for name in sorted(local):
-            mine = local[name].to(self.device).contiguous()
+            mine = local[name].to(self.device, torch.float32).contiguous()
             parts = [torch.empty_like(mine) for _ in range(self.tp)]
             dist.all_gather(parts, mine, group=tensor_group())
-            for rank, part in enumerate(parts):
-                shards[rank][name] = part.cpu()
-        model.load_state_dict(merge_state_dicts(shards, self.tp_layout))
-        return model
+            _fill(targets[name], merge_tensors(parts, self.tp_layout[name]) if name in self.tp_layout else parts[0],
+                  name)
 
     def evaluate(self) -> dict:
         from .evaluate import evaluate_likelihood

@@ -142,6 +142,17 @@ def bf16_engines_worker(rank: int, size: int, port: int, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(size))
     deepspeed.init_distributed(dist_backend="gloo")
+    from pipeline import trainer as trainer_module
+    from pipeline.trainer import Trainer
+
+    trainer_module.GATHER_ELEMENTS = 800  # parameters of 768, 48, 768 and 16 elements: 3 gathers
+    gathers, real_gather = [], deepspeed.zero.GatheredParameters
+
+    def counting_gather(params, *args, **kwargs):
+        gathers.append(len(params))
+        return real_gather(params, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = counting_gather
     try:
         results = {}
         for kind, (stage, extra, *_) in BF16_ENGINES.items():
@@ -176,9 +187,23 @@ def bf16_engines_worker(rank: int, size: int, port: int, queue):
                     for n in ref:
                         ref[n].lerp_(now[n], 0.5)
             whole = ema.full_state()
+            # the evaluation model is filled in place: from the EMA, and from the engine's weights
+            # (ZeRO-3: a few parameters gathered at a time, GATHER_ELEMENTS = 800 here)
+            into = {n: torch.full(t.shape, float("nan")) for n, t in whole.items()}
+            filled = ema.full_state(into=into)
+            from_ema = all(torch.equal(into[n], whole[n].float()) and filled[n].data_ptr() == into[n].data_ptr()
+                           for n in whole)
+            targets = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16)).state_dict()
+            gathers.clear()
+            Trainer._fill_from_engine(SimpleNamespace(engine=engine, cfg=SimpleNamespace(
+                train=SimpleNamespace(zero_stage=stage))), targets)
+            counted = list(gathers)
+            weights = gathered(True)
+            from_engine = all(torch.equal(targets[n], weights[n]) for n in weights) and sorted(targets) == sorted(weights)
             results[kind] = (type(engine.optimizer).__name__, ema.describe(), sorted(whole),
                              {name: max((whole[n].float() - ref[n]).abs().max().item() for n in ref)
-                              for name, ref in (("fp32", fp32_ref), ("bf16", bf16_ref))})
+                              for name, ref in (("fp32", fp32_ref), ("bf16", bf16_ref))},
+                             from_ema, from_engine, counted)
         queue.put((rank, results))  # plain values: the process exits next
     finally:
         dist.destroy_process_group()
@@ -188,7 +213,7 @@ def test_ema_follows_the_fp32_master_weights_of_bf16_engines():
     results = run_two_ranks(bf16_engines_worker, timeout=420)
     for rank, by_kind in results:
         assert sorted(by_kind) == sorted(BF16_ENGINES)
-        for kind, (wrapper, described, names, worst) in by_kind.items():
+        for kind, (wrapper, described, names, worst, from_ema, from_engine, gathers) in by_kind.items():
             print(f"rank {rank} {kind}: EMA vs fp32 masters {worst['fp32']:.1e}, vs bf16 weights {worst['bf16']:.1e}")
             assert wrapper == BF16_ENGINES[kind][2]
             assert BF16_ENGINES[kind][3] in described, (kind, described)
@@ -196,3 +221,5 @@ def test_ema_follows_the_fp32_master_weights_of_bf16_engines():
             assert worst["fp32"] <= 1e-7, (kind, worst)
             # the bf16 copies really lose what the masters keep, so following them would be caught here
             assert worst["bf16"] > 1e-5, (kind, worst)
+            assert from_ema and from_engine, kind
+            assert gathers == ([1, 1, 2] if kind == "zero3" else []), (kind, gathers)
