@@ -26,6 +26,7 @@ import torch
 
 from model.tensor_parallel import merge_state_dicts, strip_extra_state
 
+from .adapters import plain_name
 from .checkpoint import COMPLETE, DATA_MANIFEST, RUN_CONFIG, complete_tags
 from .inference import holds_weights, resolve_checkpoint
 
@@ -54,6 +55,8 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
     parallel = states[0].get("parallel") or {"tensor": 1, "layout": {}}
     tp, layout = int(parallel.get("tensor", 1)), parallel.get("layout") or {}
+    # checkpoints of runs with activation checkpointing once keyed the layout by wrapped names
+    layout = {plain_name(name): spec for name, spec in layout.items()}
     if len(states) != tp:
         raise ValueError(f"{ckpt}: the checkpoint says tensor parallel {tp} but has {len(states)} "
                          "mp_rank files")

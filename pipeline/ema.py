@@ -34,6 +34,16 @@ def _state_code(state: dict | None, sizes: dict[str, int]) -> int:
     return 1 if all(n in state and state[n].numel() == k for n, k in sizes.items()) else 2
 
 
+def _check_into(into: dict, shapes: dict) -> None:
+    """`into` must hold every EMA tensor at its shape: a copy would broadcast a smaller one, and a
+    flat write fill only part of a larger one."""
+    missing = sorted(set(shapes) - set(into))
+    other = sorted(n for n in shapes if n in into and tuple(into[n].shape) != tuple(shapes[n]))
+    if missing or other:
+        raise ValueError(f"the EMA does not fit the model it is copied into: missing {missing[:5]}, "
+                         f"other shapes {other[:5]}")
+
+
 def _comm_device(group) -> torch.device:
     # partitions kept on the CPU (offload) still travel through NCCL on the GPU
     if dist.get_backend(group) == "nccl":
@@ -73,6 +83,7 @@ class EMA:
         """The whole EMA; with `into` (name -> tensor, e.g. a model's state_dict()) copied there."""
         if into is None:
             return self.shadow
+        _check_into(into, {n: t.shape for n, t in self.shadow.items()})
         return {n: into[n].copy_(t) for n, t in self.shadow.items()}
 
     def describe(self) -> str:
@@ -169,6 +180,8 @@ class ShardedEMA:
         arrives, and no whole copy is made."""
         out = {}
         dst = dist.get_global_rank(self.group, 0)
+        if into is not None:
+            _check_into(into, {n: p.ds_shape for n, p in self.params})
         for n, p in self.params:
             shard = self.shards[n].to(self.comm_device)
             parts = [torch.empty_like(shard) for _ in range(self.size)]
@@ -294,6 +307,8 @@ class PartitionedEMA:
         tensor on every rank, e.g. an evaluation model's state_dict()) the slices are written
         there, and no whole copy is made."""
         everywhere = everywhere or into is not None
+        if into is not None:
+            _check_into(into, {name: shape for *_, layout in self.groups for _, _, name, shape in layout})
         out, receive = {}, everywhere or self.groups[0][1] == 0
         for shard, (group, rank, size, part, layout) in zip(self.shards, self.groups):
             if into is not None:

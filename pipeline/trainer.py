@@ -250,7 +250,8 @@ class Trainer:
         if self.tp > 1:
             from model.tensor_parallel import full_parameter_counts, tp_layout
 
-            self.tp_layout = tp_layout(model)
+            # keyed like the state dict (activation checkpointing's wrappers leave no trace there)
+            self.tp_layout = {plain_name(k): v for k, v in tp_layout(model).items()}
             self.n_params, n_matmul, n_conditioning = full_parameter_counts(model)
         else:
             self.tp_layout, self.n_params = {}, count_parameters(model)

@@ -143,12 +143,20 @@ def test_unconverted_tp_checkpoint_points_to_the_converter(tp2_dp2):
 
 
 def test_tp2_zero3_trains_and_converts_its_partitioned_ema(markov_data, tmp_path, one_process_dir):
-    """TP=2 x ZeRO-3 over 2 data-parallel ranks: same losses as 1 process; convert_tp merges the
-    EMA the trainer assembled from the ZeRO-3 partitions (the raw weights stay in partitions)."""
+    """TP=2 x ZeRO-3 over 2 data-parallel ranks, blocks under activation checkpointing: same
+    losses as 1 process; the final evaluation merges the TP shards, and convert_tp the EMA the
+    trainer assembled from the ZeRO-3 partitions (the raw weights stay in partitions)."""
+    import json
+
     from pipeline.inference import load_checkpoint_model
 
     run_dir = tmp_path / "tp2_zero3"
-    launch_train(run_dir, markov_data, *COMMON, "parallel.tensor=2", "train.zero_stage=3", processes=4)
+    launch_train(run_dir, markov_data, *COMMON, "parallel.tensor=2", "train.zero_stage=3",
+                 "train.activation_checkpointing=true", processes=4)
+    assert 0 < json.loads((run_dir / "final_eval.json").read_text())["eval"]["nelbo"] < 10
+    (states,) = (run_dir / "checkpoints" / f"step{STEPS:08d}").glob("*pp_rank_0_mp_rank_00_model_states.pt")
+    state = torch.load(states, map_location="cpu", weights_only=False)
+    assert "backbone.blocks.0.attn_qkv.weight" in state["parallel"]["layout"]  # keyed as the state dict is
     four, one = metric_series(run_dir), metric_series(one_process_dir)
     assert max(abs(four[s] - one[s]) for s in one) < TOLERANCE
     out = convert_to_tp1(run_dir / "checkpoints", tmp_path / "tp1")
