@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -123,8 +124,16 @@ class EvalConfig:
     batch_size: int = 0            # 0 = data.micro_batch_size
     use_ema: bool = True
     seed: int = 0
+    # name -> a data_prep output directory, evaluated beside data.eval_split and logged as
+    # eval/<name>/...: its val split, or its train split where it has no val shards (a corpus
+    # prepared for evaluation alone); same tokenizer and seq_len as data.path
+    corpora: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
+        for name in self.corpora:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ConfigError(f"eval.corpora: the name {name!r} becomes MLflow metrics eval/{name}/...: use "
+                                  "letters, digits, '_', '-' and '.' only")
         if self.time_samples < 2:
             raise ConfigError(f"eval.time_samples={self.time_samples}: the bound's standard error needs at "
                               "least 2 Monte Carlo times per sequence; use 2 or more")
@@ -138,6 +147,9 @@ class SampleConfig:
     top_p: float = 1.0
     temperature: float = 1.0
     seed: int = 0
+    # an AR checkpoint of this project (same tokenizer) or a Hugging Face causal-LM directory:
+    # the final samples' generative perplexity, logged as sample/gen_ppl ("" = entropy only)
+    judge: str = ""
 
     def validate(self) -> None:  # checked at start, not after the whole training run
         if not 0.0 < self.temperature < float("inf"):
@@ -188,6 +200,7 @@ class RunConfig:
             raise ConfigError(f"data.path '{self.data.path}' has no manifest.json; run "
                               "`python -m data_prep --out <dir> ...` first or fix the path")
         self._check_splits()
+        self._check_corpora()
         if self.train.precision == "fp8" and self.fp8.backend == "te" and self.train.activation_checkpointing:
             raise ConfigError("train.activation_checkpointing with fp8.backend=te is not supported: torch's "
                               "checkpoint recomputes the blocks outside TE's fp8_autocast, so their backward "
@@ -218,6 +231,37 @@ class RunConfig:
             if name not in usable:
                 raise ConfigError(f"data.path '{self.data.path}' has no shards in split '{name}' "
                                   f"(splits with shards: {', '.join(usable) or 'none'}): {fix}")
+
+
+    def _check_corpora(self) -> None:
+        """Each extra evaluation corpus holds shards and was tokenized like the training data (its
+        token ids must mean the same), at the same sequence length."""
+        train = json.loads((Path(self.data.path) / "manifest.json").read_text())
+        for name, path in self.eval.corpora.items():
+            where = f"eval.corpora.{name} ({path})"
+            try:
+                manifest = json.loads((Path(path) / "manifest.json").read_text())
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"{where}: no readable manifest.json ({err}); point it at a `python -m "
+                                  "data_prep` output") from err
+            if corpus_split(manifest) is None:
+                raise ConfigError(f"{where} has no shards in its val or train split")
+            mine, theirs = train.get("tokenizer", {}), manifest.get("tokenizer", {})
+            if (mine.get("files"), train.get("mask_token_id"), train.get("model_vocab_size")) != (
+                    theirs.get("files"), manifest.get("mask_token_id"), manifest.get("model_vocab_size")):
+                raise ConfigError(f"{where} was tokenized with {theirs.get('name')!r} (vocab "
+                                  f"{theirs.get('vocab_size')}), the training data with {mine.get('name')!r} (vocab "
+                                  f"{mine.get('vocab_size')}): prepare it with the training data's tokenizer "
+                                  f"(`python -m data_prep --tokenizer {Path(self.data.path) / 'tokenizer'} ...`)")
+            if manifest.get("seq_len") != train.get("seq_len"):
+                raise ConfigError(f"{where} has seq_len {manifest.get('seq_len')}, the training data "
+                                  f"{train.get('seq_len')}: prepare it with --seq-len {train.get('seq_len')}")
+
+
+def corpus_split(manifest: dict) -> str | None:
+    """The split an extra evaluation corpus is evaluated on: val, or train where val has no shards."""
+    splits = manifest.get("splits", {})
+    return next((name for name in ("val", "train") if splits.get(name, {}).get("shards")), None)
 
 
 def _prepare(raw: dict) -> dict:

@@ -25,7 +25,7 @@ from . import metrics
 from .adapters import (apply_activation_checkpointing, attention_backend, compile_blocks, fuse_bf16_grad_update,
                        plain_name, zero3_leaf_blocks)
 from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences
-from .config import RunConfig
+from .config import RunConfig, corpus_split
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
 from .data import ShardStream, batches, load_manifest
 from .ema import GATHER_ELEMENTS, make_ema
@@ -224,6 +224,13 @@ class Trainer:
         self.manifest = load_manifest(cfg.data.path)
         resolve_vocab(cfg.model, self.manifest)
         self.seq_len = int(self.manifest["seq_len"])
+        if cfg.sample.judge and cfg.sample.num_samples:  # before training, not at its end
+            from .genppl import check_judge
+
+            try:
+                check_judge(cfg.sample.judge, self.manifest)
+            except (OSError, ValueError, RuntimeError) as err:
+                raise ConfigError(f"sample.judge={cfg.sample.judge}: {err}") from err
         t = cfg.train
         if t.precision == "fp8":
             check_fp8(cfg.fp8, cfg.model.d_model, cfg.model.mlp_ratio,
@@ -626,21 +633,27 @@ class Trainer:
     def evaluate(self) -> dict:
         from .evaluate import evaluate_likelihood
 
-        e = self.cfg.eval
-        result = evaluate_likelihood(self.eval_model(), self.cfg.data.path, self.cfg.data.eval_split,
-                                     e.batch_size or self.cfg.data.micro_batch_size, e.time_samples,
-                                     e.max_batches, e.seed, self.rank, self.world, self.device,
-                                     check_sha256=self.cfg.data.check_sha256)
+        e, model = self.cfg.eval, self.eval_model()
+
+        def on(path: str, split: str) -> dict:
+            return evaluate_likelihood(model, path, split, e.batch_size or self.cfg.data.micro_batch_size,
+                                       e.time_samples, e.max_batches, e.seed, self.rank, self.world, self.device,
+                                       check_sha256=self.cfg.data.check_sha256)
+
+        result = on(self.cfg.data.path, self.cfg.data.eval_split)
+        if e.corpora:
+            result["corpora"] = {name: on(path, corpus_split(load_manifest(path))) for name, path in e.corpora.items()}
         return result
 
-    def sample(self, model: torch.nn.Module | None = None) -> list[str]:
+    def sample(self, model: torch.nn.Module | None = None) -> tuple[list[str], torch.Tensor | None]:
+        """(texts, token ids) of sample.num_samples samples from the model (rank 0)."""
         from tokenizers import Tokenizer
 
         from model.sampling import ar_sample, mdlm_ancestral
 
         s = self.cfg.sample
         if s.num_samples == 0:
-            return []
+            return [], None
         model = model if model is not None else self.eval_model()
         gen = torch.Generator().manual_seed(s.seed)
         length = s.length or self.seq_len
@@ -655,7 +668,14 @@ class Trainer:
                                    generator=gen, top_p=s.top_p, temperature=s.temperature,
                                    banned_ids=(int(self.manifest["mask_token_id"]),))
         tok = Tokenizer.from_file(str(Path(self.cfg.data.path) / "tokenizer" / "tokenizer.json"))
-        return [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens]
+        return [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens], result.tokens
+
+    def sample_stats(self, tokens: torch.Tensor, texts: list[str]) -> dict:
+        """Unigram entropy of the samples and, with sample.judge, their generative perplexity."""
+        from .genppl import evaluate_samples, load_judge
+
+        judge = load_judge(self.cfg.sample.judge, device=self.device) if self.cfg.sample.judge else None
+        return evaluate_samples(tokens, judge, texts)
 
     def _log(self, metrics_: dict) -> None:
         """Rank 0: MLflow, plus <run_dir>/metrics.jsonl (full precision, survives tracking outages)."""
@@ -725,11 +745,15 @@ class Trainer:
         return summary
 
     def _log_eval(self, result: dict) -> None:
-        if self.rank == 0:
-            log.info("eval step %d: nelbo %.4f ppl_bound %.2f (se %.4f, %d tokens)", self.step,
-                     result["nelbo"], result["ppl_bound"], result["nelbo_se"], result["tokens"])
-        self._log({"eval/nelbo": result["nelbo"], "eval/ppl_bound": result["ppl_bound"],
-                   "eval/nelbo_se": result["nelbo_se"]})
+        metrics_ = {}
+        for name, one in [("", result), *((f"{n}/", r) for n, r in result.get("corpora", {}).items())]:
+            if self.rank == 0:
+                log.info("eval step %d%s: nelbo %.4f ppl_bound %.2f (se %.4f, %d tokens)", self.step,
+                         f" {name[:-1]} ({one['split']})" if name else "", one["nelbo"], one["ppl_bound"],
+                         one["nelbo_se"], one["tokens"])
+            metrics_.update({f"eval/{name}nelbo": one["nelbo"], f"eval/{name}ppl_bound": one["ppl_bound"],
+                             f"eval/{name}nelbo_se": one["nelbo_se"]})
+        self._log(metrics_)
 
     def finish(self) -> dict:
         """Final evaluation (bound and unigram baseline), samples, summary file, MLflow artifacts."""
@@ -746,21 +770,24 @@ class Trainer:
                 unigram = unigram_perplexity(self.cfg.data.path, self.cfg.data.eval_split, max_eval_samples=(
                     e.max_batches * (e.batch_size or self.cfg.data.micro_batch_size) * self.world),
                     check_sha256=self.cfg.data.check_sha256)
-                texts = self.sample(sample_model)
+                texts, tokens = self.sample(sample_model)
+                stats = self.sample_stats(tokens, texts) if texts else {}
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 samples_path = self.run_dir / "samples.txt"
                 if texts:
                     samples_path.write_text("\n\n=====\n\n".join(texts) + "\n")
                 summary.update(unigram=unigram, conventions=conventions(self.manifest, self.cfg.model.objective),
-                               samples=str(samples_path) if texts else None, checkpoints=str(self.checkpoints.root),
+                               samples=str(samples_path) if texts else None, sample_stats=stats,
+                               checkpoints=str(self.checkpoints.root),
                                mlflow_run_id=(self.tracker and self.tracker.run_id) or self.mlflow_run_id,
                                tracking_uri=self.tracker.uri if self.tracker else None)
+                self._log({"eval/unigram_ppl": unigram["unigram_ppl"],
+                           **{f"sample/{k}": stats[k] for k in ("entropy", "gen_ppl") if k in stats}})
                 out = self.run_dir / "final_eval.json"
                 tmp = out.with_suffix(".tmp")
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
                 os.replace(tmp, out)
                 if self.tracker:
-                    self.tracker.log_metrics({"eval/unigram_ppl": unigram["unigram_ppl"]}, self.step)
                     if texts:
                         self.tracker.log_artifact(samples_path, "samples")
                     self.tracker.log_artifact(out)

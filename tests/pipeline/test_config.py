@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -114,3 +115,25 @@ def test_train_cli_takes_overrides_on_both_sides_of_its_options():
 
     args = parse_args(["--config", "c.yaml", "train.max_steps=9", "--resume", "auto", "eval.seed=1"])
     assert (args.config, args.resume, args.overrides) == ("c.yaml", "auto", ["train.max_steps=9", "eval.seed=1"])
+
+
+def test_extra_evaluation_corpora_are_checked_before_any_work(markov_data, tmp_path):
+    from pipeline.config import corpus_split
+    from tests.synthetic import write_markov_shards
+
+    write_markov_shards(tmp_path / "eval-only", vocab=16, seq_len=32, seed=3, train_samples=32, val_samples=0)
+    write_markov_shards(tmp_path / "vocab12", vocab=12, seq_len=32, train_samples=32, val_samples=8)
+    write_markov_shards(tmp_path / "len64", vocab=16, seq_len=64, train_samples=32, val_samples=8)
+    base = [f"data.path={markov_data}"]
+    cfg = load_run_config(None, [*base, f"eval.corpora.wt2={tmp_path / 'eval-only'}"])
+    assert cfg.eval.corpora == {"wt2": str(tmp_path / "eval-only")}
+    assert corpus_split(json.loads((tmp_path / "eval-only" / "manifest.json").read_text())) == "train"
+    for override, message in (
+            (f"eval.corpora.a/b={markov_data}", r"the name 'a/b' becomes MLflow metrics eval/a/b/\.\.\."),
+            (f"eval.corpora.gone={tmp_path / 'missing'}", r"eval\.corpora\.gone \(.*missing\): no readable manifest"),
+            (f"eval.corpora.v12={tmp_path / 'vocab12'}", r"eval\.corpora\.v12 .* was tokenized with .*prepare it "
+                                                          r"with the training data's tokenizer"),
+            (f"eval.corpora.l64={tmp_path / 'len64'}", r"has seq_len 64, the training data 32: prepare it with "
+                                                       r"--seq-len 32")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(None, [*base, override])

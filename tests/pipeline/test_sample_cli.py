@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.synthetic import write_markov_shards
+
 from .conftest import ROOT, run_single
 
 STEPS = 20
@@ -18,14 +20,43 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def ckpts(markov_data, tmp_path_factory) -> dict:
+    """An AR run, then an MDLM run judged by it at its end, evaluated on its own val split twice
+    (once as the extra corpus "same") and on another corpus with only a train split."""
     base = tmp_path_factory.mktemp("sample-ckpts")
-    out = {}
-    for objective in ("mdlm", "ar"):
+    other = base / "other-data"
+    write_markov_shards(other, vocab=16, seq_len=32, seed=7, train_samples=64, val_samples=0)
+    out = {"other_data": other}
+    for objective in ("ar", "mdlm"):
         run_dir = base / objective
+        extra = (f"sample.judge={out['ar']}", f"eval.corpora.same={markov_data}",
+                 f"eval.corpora.other={other}") if objective == "mdlm" else ()
         run_single(run_dir, markov_data, f"train.max_steps={STEPS}", "tracking.enabled=false",
-                   f"model.objective={objective}", env_extra={"OMP_NUM_THREADS": "1"})
+                   f"model.objective={objective}", *extra, env_extra={"OMP_NUM_THREADS": "1"})
         out[objective] = run_dir
     return out
+
+
+def test_training_ends_with_extra_corpora_and_judged_samples(ckpts):
+    summary = json.loads((ckpts["mdlm"] / "final_eval.json").read_text())
+    main, corpora = summary["eval"], summary["eval"]["corpora"]
+    assert sorted(corpora) == ["other", "same"]
+    assert (corpora["same"]["split"], corpora["other"]["split"]) == ("val", "train")
+    assert corpora["same"]["nelbo"] == main["nelbo"] and corpora["same"]["tokens"] == main["tokens"]
+    assert corpora["other"]["nelbo"] != main["nelbo"] and corpora["other"]["sequences"] == main["sequences"] == 16
+    stats = summary["sample_stats"]
+    assert stats["judge_kind"] == "project" and 1.0 < stats["gen_ppl"] < 17 * 3 and stats["entropy"] > 0
+    last = [json.loads(line) for line in (ckpts["mdlm"] / "metrics.jsonl").read_text().splitlines()]
+    logged = {k: v for row in last if row["step"] == STEPS for k, v in row.items()}
+    assert logged["eval/same/nelbo"] == main["nelbo"] and logged["eval/other/ppl_bound"] == corpora["other"]["ppl_bound"]
+    assert logged["sample/gen_ppl"] == stats["gen_ppl"] and logged["sample/entropy"] == stats["entropy"]
+
+
+def test_a_judge_that_cannot_judge_stops_training_before_it_starts(ckpts, markov_data, tmp_path):
+    proc = run_single(tmp_path / "run", markov_data, "train.max_steps=2", "tracking.enabled=false",
+                      f"sample.judge={ckpts['mdlm']}", check=False)
+    assert proc.returncode == 2
+    assert f"sample.judge={ckpts['mdlm']}: " in proc.stderr and "the judge must be autoregressive" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.fixture(autouse=True)
