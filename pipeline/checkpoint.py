@@ -79,6 +79,8 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     old, new = flatten(saved), flatten(current)
     old.setdefault("train.grad_precision", "bf16")  # checkpoints from before the setting reduced in bf16
     old.setdefault("parallel.head_multiple", 1)      # ... and padded the TP head to a multiple of TP
+    if "sample.judge" in new:
+        old.setdefault("sample.judge", "")           # ... and judged no samples
     if "train.fuse_grad_update" in new:
         old.setdefault("train.fuse_grad_update", False)  # ... and ran DeepSpeed's own gradient update
     for flat in (old, new):

@@ -131,9 +131,9 @@ class EvalConfig:
 
     def validate(self) -> None:
         for name in self.corpora:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ConfigError(f"eval.corpora: the name {name!r} becomes MLflow metrics eval/{name}/...: use "
-                                  "letters, digits, '_', '-' and '.' only")
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ConfigError(f"eval.corpora: the name {name!r} becomes MLflow metrics eval/{name}/... and a "
+                                  "key of dotted overrides: use letters, digits, '_' and '-' only")
         if self.time_samples < 2:
             raise ConfigError(f"eval.time_samples={self.time_samples}: the bound's standard error needs at "
                               "least 2 Monte Carlo times per sequence; use 2 or more")
@@ -247,8 +247,9 @@ class RunConfig:
             if corpus_split(manifest) is None:
                 raise ConfigError(f"{where} has no shards in its val or train split")
             mine, theirs = train.get("tokenizer", {}), manifest.get("tokenizer", {})
-            if (mine.get("files"), train.get("mask_token_id"), train.get("model_vocab_size")) != (
-                    theirs.get("files"), manifest.get("mask_token_id"), manifest.get("model_vocab_size")):
+            identity = ("files", "bos_id", "eos_id")
+            if ([mine.get(k) for k in identity], train.get("mask_token_id"), train.get("model_vocab_size")) != (
+                    [theirs.get(k) for k in identity], manifest.get("mask_token_id"), manifest.get("model_vocab_size")):
                 raise ConfigError(f"{where} was tokenized with {theirs.get('name')!r} (vocab "
                                   f"{theirs.get('vocab_size')}), the training data with {mine.get('name')!r} (vocab "
                                   f"{mine.get('vocab_size')}): prepare it with the training data's tokenizer "

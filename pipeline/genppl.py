@@ -145,6 +145,10 @@ def check_judge(path: str | Path, samples_manifest: dict) -> None:
     ckpt = resolve_checkpoint(path)
     config = checkpoint_run_config(ckpt)
     objective = config["model"].get("objective", "mdlm")
+    tensor = int((config.get("parallel") or {}).get("tensor", 1))
+    if tensor > 1:
+        raise ValueError(f"{ckpt} is a tensor-parallel checkpoint (parallel.tensor={tensor}): merge it for the "
+                         f"judge with `python -m pipeline.convert_tp --checkpoint {ckpt} --out DIR`")
     if objective != "ar":
         raise ValueError(f"{ckpt} is a model.objective={objective} checkpoint; the judge must be autoregressive "
                          "(train one with model.objective=ar, or pass a Hugging Face causal-LM directory)")

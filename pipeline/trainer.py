@@ -642,7 +642,20 @@ class Trainer:
 
         result = on(self.cfg.data.path, self.cfg.data.eval_split)
         if e.corpora:
-            result["corpora"] = {name: on(path, corpus_split(load_manifest(path))) for name, path in e.corpora.items()}
+            result["corpora"] = {}
+        for name, path in e.corpora.items():
+            try:  # checked at start; gone since (an unmounted disk, a deleted folder): skipped, not fatal
+                split = corpus_split(load_manifest(path))
+            except (OSError, ValueError) as err:
+                split, reason = None, f"{type(err).__name__}: {err}"
+            else:
+                reason = "no shards in its val or train split"
+            if not all_ranks_agree(split is not None, self.device):
+                if self.rank == 0:
+                    log.warning("eval.corpora.%s (%s) is not readable on every rank (here: %s): skipped",
+                                name, path, "readable" if split else reason)
+                continue
+            result["corpora"][name] = on(path, split)
         return result
 
     def sample(self, model: torch.nn.Module | None = None) -> tuple[list[str], torch.Tensor | None]:
@@ -671,11 +684,22 @@ class Trainer:
         return [tok.decode(row.tolist(), skip_special_tokens=False) for row in result.tokens], result.tokens
 
     def sample_stats(self, tokens: torch.Tensor, texts: list[str]) -> dict:
-        """Unigram entropy of the samples and, with sample.judge, their generative perplexity."""
-        from .genppl import evaluate_samples, load_judge
+        """Unigram entropy of the samples and, with sample.judge, their generative perplexity. A
+        judge that fails here (out of memory, unloadable) is reported, not fatal: the run's
+        summary and samples matter more than one metric."""
+        from .genppl import gen_ppl, load_judge, unigram_entropy
 
-        judge = load_judge(self.cfg.sample.judge, device=self.device) if self.cfg.sample.judge else None
-        return evaluate_samples(tokens, judge, texts)
+        stats = unigram_entropy(tokens)
+        if self.cfg.sample.judge:
+            try:
+                stats.update(gen_ppl(load_judge(self.cfg.sample.judge, device=self.device), tokens, texts,
+                                     batch_size=8))
+            except Exception as err:
+                log.warning("sample.judge=%s could not score the samples: %s", self.cfg.sample.judge, err)
+                stats["judge_error"] = f"{type(err).__name__}: {err}"
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return stats
 
     def _log(self, metrics_: dict) -> None:
         """Rank 0: MLflow, plus <run_dir>/metrics.jsonl (full precision, survives tracking outages)."""
@@ -771,6 +795,7 @@ class Trainer:
                     e.max_batches * (e.batch_size or self.cfg.data.micro_batch_size) * self.world),
                     check_sha256=self.cfg.data.check_sha256)
                 texts, tokens = self.sample(sample_model)
+                sample_model = None  # freed before a judge is loaded beside the training states
                 stats = self.sample_stats(tokens, texts) if texts else {}
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 samples_path = self.run_dir / "samples.txt"

@@ -193,3 +193,10 @@ def test_a_checkpoint_from_before_the_fused_gradient_update_says_it_ran_deepspee
         ([], ["train.fuse_grad_update: False -> True"])  # the same sums: a resume may change it
     fp32 = {"train": {"precision": "fp32"}}  # no bf16 gradients to fuse
     assert ckpt.config_differences(fp32, {"train": {"precision": "fp32", "fuse_grad_update": True}}) == ([], [])
+
+
+def test_a_checkpoint_from_before_sample_judge_resumes_without_a_changed_setting():
+    old = {"sample": {"num_samples": 4}}
+    assert ckpt.config_differences(old, {"sample": {"num_samples": 4, "judge": ""}}) == ([], [])
+    assert ckpt.config_differences(old, {"sample": {"num_samples": 4, "judge": "/runs/ar"}}) == \
+        ([], ["sample.judge:  -> /runs/ar"])

@@ -457,3 +457,26 @@ def test_ar_samples_never_draw_the_mask_id(ckpts, tmp_path, monkeypatch):
     for line in (tmp_path / "ar.jsonl").read_text().splitlines():
         tokens = json.loads(line)["tokens"]
         assert len(tokens) == 32 and max(tokens) < 16
+
+
+def test_a_corpus_gone_since_the_start_is_skipped_and_a_failing_judge_is_reported(ckpts, markov_data, tmp_path,
+                                                                                   caplog):
+    """Both are checked at start; what changes on disk later costs one metric, not the run."""
+    from types import SimpleNamespace
+
+    from pipeline.config import load_run_config
+    from pipeline.inference import load_checkpoint_model
+    from pipeline.trainer import Trainer
+
+    cfg = load_run_config("configs/train/tiny-test.yaml", [f"data.path={markov_data}"])
+    cfg.eval.corpora = {"gone": str(tmp_path / "unmounted"), "same": str(markov_data)}  # as if deleted since
+    cfg.sample.judge = str(tmp_path / "judge-deleted")
+    model = load_checkpoint_model(ckpts["mdlm"]).model
+    host = SimpleNamespace(cfg=cfg, eval_model=lambda: model, rank=0, world=1, device=torch.device("cpu"))
+    result = Trainer.evaluate(host)
+    assert sorted(result["corpora"]) == ["same"] and result["corpora"]["same"]["nelbo"] == result["nelbo"]
+    assert "eval.corpora.gone" in caplog.text and "is not readable on every rank" in caplog.text
+    tokens = torch.tensor([[1, 2, 2, 3], [4, 4, 4, 4]])
+    stats = Trainer.sample_stats(host, tokens, ["a", "b"])
+    assert stats["entropy"] > 0 and "gen_ppl" not in stats
+    assert stats["judge_error"].startswith("FileNotFoundError") and "could not score the samples" in caplog.text

@@ -135,6 +135,17 @@ def test_converted_checkpoint_gives_tp2_logits(tp2_dp2, tmp_path):
     assert ema.weights == "ema"
 
 
+def test_an_unmerged_tp_checkpoint_is_refused_as_a_judge(tp2_dp2):
+    from pipeline.data import load_manifest
+    from pipeline.genppl import check_judge
+    from pipeline.inference import checkpoint_run_config, resolve_checkpoint
+
+    manifest = load_manifest(checkpoint_run_config(resolve_checkpoint(tp2_dp2))["data"]["path"])
+    with pytest.raises(ValueError, match=r"tensor-parallel checkpoint \(parallel.tensor=2\): merge it for the "
+                                         r"judge with `python -m pipeline.convert_tp"):
+        check_judge(tp2_dp2, manifest)
+
+
 def test_unconverted_tp_checkpoint_points_to_the_converter(tp2_dp2):
     from pipeline.inference import load_checkpoint_model
 
