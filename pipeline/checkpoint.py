@@ -81,6 +81,8 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     old.setdefault("parallel.head_multiple", 1)      # ... and padded the TP head to a multiple of TP
     if "sample.judge" in new:
         old.setdefault("sample.judge", "")           # ... and judged no samples
+    if "data.shuffle_window" in new:
+        old.setdefault("data.shuffle_window", 1)     # ... and read one shard at a time
     if "train.fuse_grad_update" in new:
         old.setdefault("train.fuse_grad_update", False)  # ... and ran DeepSpeed's own gradient update
     for flat in (old, new):

@@ -18,6 +18,10 @@ class DataConfig:
     path: str = ""                 # a data_prep output directory (holds manifest.json)
     micro_batch_size: int = 8
     shuffle: bool = True
+    # consecutive shards of the epoch's seeded order whose samples are permuted together: an exact,
+    # resumable shuffle buffer of that many shards (data_prep's auto shard holds ~256 MiB of
+    # tokens; a rank holds two windows, the one it trains on and the next one read ahead)
+    shuffle_window: int = 4
     seed: int = 1234
     eval_split: str = "val"
     # "shard": each rank reads its own 1/W contiguous part of each epoch (scales); "sample": every
@@ -29,6 +33,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.micro_batch_size < 1:
             raise ConfigError("data.micro_batch_size must be >= 1")
+        if self.shuffle_window < 1:
+            raise ConfigError(f"data.shuffle_window must be >= 1 shard, got {self.shuffle_window}")
 
 
 @dataclass

@@ -1,15 +1,17 @@
 """Deterministic, resumable streaming of webdataset shards for each data-parallel rank.
 
-An epoch is one pass over the split as a sequence: the shards in a seeded permutation, each
-shard's samples in a seeded permutation. split_by="shard" gives rank r the r-th of W equal,
-contiguous ranges of that sequence, so a rank reads about 1/W of the shards (and at most two it
+An epoch is one pass over the split as a sequence: the shards in a seeded permutation, grouped
+into windows of `shuffle_window` consecutive shards, each window's samples in one seeded
+permutation (an exact shuffle buffer of that many shards: a batch mixes the window's shards, not
+one shard's stretch of the corpus). split_by="shard" gives rank r the r-th of W equal, contiguous
+ranges of that sequence, so a rank reads about 1/W of the shards (and at most two windows it
 shares with a neighbour); a looping stream drops the last (total mod W) < W samples of each epoch,
 so every rank's epoch has the same length, epochs change at the same step on every rank and no
 sample is seen twice within one. split_by="sample" gives rank r the positions p = r mod W of the
 endless sequence of epochs: the global order is the same for every world size and nothing is
 dropped, at W times the reading. A single pass (loop=False) covers every sample. The position
 (epoch, segment cursor, sample cursor) is enough to resume exactly at the next unseen sample,
-skipping finished shards without reading them.
+skipping finished windows without reading them.
 """
 from __future__ import annotations
 
@@ -122,8 +124,9 @@ PLAN_VERSION = 2  # how an epoch is split between ranks; a saved position is onl
 
 @dataclass(frozen=True)
 class Segment:
-    shard: int   # index into the split's shards
-    start: int   # start:stop:step of the shard's sample order for this epoch
+    shards: tuple[int, ...]  # a window: indices into the split's shards, in the epoch's order
+    window: int  # the window's index in the epoch
+    start: int   # start:stop:step of the window's sample order for this epoch
     stop: int
     step: int
 
@@ -144,7 +147,7 @@ class ShardStream:
 
     def __init__(self, data_dir: str | Path, split: str, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, loop: bool = True, split_by: str = "shard",
-                 check_sha256: bool = True):
+                 check_sha256: bool = True, shuffle_window: int = 1):
         self.data_dir = Path(data_dir)
         self.check_sha256 = check_sha256
         self.manifest = load_manifest(self.data_dir)
@@ -159,6 +162,10 @@ class ShardStream:
         if split_by not in ("shard", "sample"):
             raise ValueError(f"split_by must be 'shard' or 'sample', got {split_by!r}")
         self.split_by = split_by
+        if shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1 shard, got {shuffle_window}")
+        # unshuffled, a window's order is its shards' in turn: the same sequence, read a shard at a time
+        self.shuffle_window = shuffle_window if shuffle else 1
         self.counts = np.array([int(shard["samples"]) for shard in self.shards], dtype=np.int64)
         if loop and int(self.counts.sum()) < world_size:
             raise ValueError(f"split '{split}' of {self.data_dir} has {int(self.counts.sum())} samples, fewer than "
@@ -172,32 +179,34 @@ class ShardStream:
         self.position = StreamPosition()
 
     def _epoch_plan(self, epoch: int) -> list[Segment]:
-        """This rank's part of the epoch: positions start:stop:step of each shard's sample order."""
+        """This rank's part of the epoch: positions start:stop:step of each window's sample order."""
         if epoch in self._plans:
             return self._plans[epoch]
         order = np.arange(len(self.shards))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        bounds = np.concatenate([[0], np.cumsum(self.counts[order])]).tolist()
+        k = self.shuffle_window
+        windows = [tuple(order[i:i + k].tolist()) for i in range(0, len(order), k)]
+        bounds = np.concatenate([[0], np.cumsum([int(self.counts[list(w)].sum()) for w in windows])]).tolist()
         total, world, rank = bounds[-1], self.world_size, self.rank
         plan = []
         if self.split_by == "sample":
             phase = (rank - epoch * total) % world  # epoch-local positions q with (epoch * total + q) % W == rank
-            for j, shard_index in enumerate(order.tolist()):
+            for j, window in enumerate(windows):
                 first = bounds[j] + (phase - bounds[j]) % world
                 if first < bounds[j + 1]:
-                    plan.append(Segment(shard_index, first - bounds[j], bounds[j + 1] - bounds[j], world))
+                    plan.append(Segment(window, j, first - bounds[j], bounds[j + 1] - bounds[j], world))
         else:
             if self.loop:
                 lo, hi = rank * (total // world), (rank + 1) * (total // world)
             else:
                 lo, hi = rank * total // world, (rank + 1) * total // world
-            for j in range(int(np.searchsorted(bounds, lo, side="right")) - 1, len(order)):
+            for j in range(int(np.searchsorted(bounds, lo, side="right")) - 1, len(windows)):
                 if bounds[j] >= hi:
                     break
                 start, stop = max(lo, bounds[j]) - bounds[j], min(hi, bounds[j + 1]) - bounds[j]
                 if stop > start:
-                    plan.append(Segment(int(order[j]), start, stop, 1))
+                    plan.append(Segment(windows[j], j, start, stop, 1))
         self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
         self._plans[epoch] = plan
         return plan
@@ -212,44 +221,50 @@ class ShardStream:
         done = starts[min(pos.segment_cursor, len(starts) - 1)] + pos.sample_cursor
         return pos.epoch + (done / starts[-1] if starts[-1] else 0.0)
 
-    def _sample_order(self, epoch: int, shard_index: int, count: int) -> np.ndarray:
+    def _sample_order(self, epoch: int, segment: Segment, count: int) -> np.ndarray:
+        """The permutation of the window's samples (its shards' samples in turn, in file order)."""
         order = np.arange(count)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(order)
+            # a one-shard window keeps the seeding of the loader before windows: its positions stay valid
+            key = [self.seed, epoch, *segment.shards] if len(segment.shards) == 1 else \
+                [self.seed, epoch, self.shuffle_window, segment.window]
+            order = np.random.default_rng(key).permutation(order)
         return order
 
-    def _upcoming(self, epoch: int, plan: list[Segment], cursor: int) -> int | None:
-        """The shard this rank reads after plan[cursor] (the next epoch's first when looping)."""
+    def _upcoming(self, epoch: int, plan: list[Segment], cursor: int) -> tuple[int, ...]:
+        """The shards this rank reads after plan[cursor] (the next epoch's first window when looping)."""
         if cursor + 1 < len(plan):
-            return plan[cursor + 1].shard
+            return plan[cursor + 1].shards
         following = self._epoch_plan(epoch + 1) if self.loop else []
-        return following[0].shard if following else None
+        return following[0].shards if following else ()
+
+    def _read_shards(self, indices: list[int]) -> dict[int, list[dict]]:
+        return {i: self._read(self.shards[i]) for i in indices}
 
     def __iter__(self):
-        # the next shard is read and decoded in a background thread while this one is consumed:
-        # the training loop never waits on storage at a shard boundary (the order is unchanged)
-        pending: tuple[int, ShardRead] | None = None
-        current: tuple[int, list[dict]] | None = None  # a shard shared by two segments is read once
+        # the next window's shards are read and decoded in a background thread while this one is
+        # consumed: the training loop never waits on storage at a window boundary (the order is
+        # unchanged); a shard already held (windows of two segments overlap) is not read again
+        pending: ShardRead | None = None
+        held: dict[int, list[dict]] = {}
         pos = self.position
         while True:
             plan = self._epoch_plan(pos.epoch)
             while pos.segment_cursor < len(plan):
                 segment = plan[pos.segment_cursor]
                 if pos.sample_cursor >= len(range(segment.start, segment.stop, segment.step)):
-                    pos.segment_cursor += 1  # a position saved at a segment's end: its shard is done
+                    pos.segment_cursor += 1  # a position saved at a segment's end: its window is done
                     pos.sample_cursor = 0
                     continue
-                if current is not None and current[0] == segment.shard:
-                    samples = current[1]
-                elif pending is not None and pending[0] == segment.shard:
-                    samples = pending[1].result()
-                else:
-                    samples = self._read(self.shards[segment.shard])
-                current = (segment.shard, samples)
-                upcoming = self._upcoming(pos.epoch, plan, pos.segment_cursor)
-                pending = None
-                if upcoming is not None and upcoming != segment.shard:
-                    pending = (upcoming, ShardRead(self._read, self.shards[upcoming]))
+                if pending is not None:
+                    held.update(pending.result())
+                    pending = None
+                missing = [i for i in segment.shards if i not in held]
+                held = {i: held[i] for i in segment.shards if i in held} | self._read_shards(missing)
+                samples = [sample for i in segment.shards for sample in held[i]]
+                upcoming = [i for i in self._upcoming(pos.epoch, plan, pos.segment_cursor) if i not in held]
+                if upcoming:
+                    pending = ShardRead(self._read_shards, upcoming)
                 yield from self._segment_samples(pos, segment, samples)
                 pos.segment_cursor += 1
                 pos.sample_cursor = 0
@@ -288,7 +303,7 @@ class ShardStream:
         return samples
 
     def _segment_samples(self, pos: StreamPosition, segment: Segment, samples: list[dict]):
-        order = self._sample_order(pos.epoch, segment.shard, len(samples))[segment.start:segment.stop:segment.step]
+        order = self._sample_order(pos.epoch, segment, len(samples))[segment.start:segment.stop:segment.step]
         while pos.sample_cursor < len(order):
             sample = samples[order[pos.sample_cursor]]
             pos.sample_cursor += 1
@@ -297,12 +312,13 @@ class ShardStream:
 
     def state_dict(self) -> dict:
         return {**asdict(self.position), "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
-                "shuffle": self.shuffle, "split_by": self.split_by, "shards": self.shards_digest,
-                "plan": PLAN_VERSION}
+                "shuffle": self.shuffle, "split_by": self.split_by, "shuffle_window": self.shuffle_window,
+                "shards": self.shards_digest, "plan": PLAN_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
         mine = {"world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle, "split_by": self.split_by,
-                "shards": self.shards_digest}
+                "shuffle_window": self.shuffle_window, "shards": self.shards_digest}
+        state = {"shuffle_window": 1, **state}  # saved before windows: one shard at a time
         if state.get("plan") != PLAN_VERSION:  # its cursors count the segments of another plan
             reason = f"by an earlier data loader (plan {state.get('plan', 1)}, now {PLAN_VERSION})"
         else:

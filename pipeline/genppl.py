@@ -128,9 +128,10 @@ def tokenizer_sha(config: dict) -> str | None:
         return None
 
 
-def check_judge(path: str | Path, samples_manifest: dict) -> None:
+def check_judge(path: str | Path, samples_manifest: dict, warn: bool = True) -> None:
     """Before sampling: the judge exists, is autoregressive, and (a project checkpoint) shares the
-    samples' tokenizer, since it scores their token ids as they are. Raises with the reason."""
+    samples' tokenizer, since it scores their token ids as they are. Raises with the reason; `warn`
+    prints what could not be checked (one rank of a run says it)."""
     import sys
 
     if is_hf_directory(path):
@@ -155,8 +156,9 @@ def check_judge(path: str | Path, samples_manifest: dict) -> None:
     try:
         judge_manifest, _ = training_data(ckpt, config["data"]["path"])
     except FileNotFoundError:
-        print(f"warning: the judge {ckpt} holds no copy of its training data's manifest: its tokenizer could "
-              "not be checked against the samples'", file=sys.stderr)
+        if warn:
+            print(f"warning: the judge {ckpt} holds no copy of its training data's manifest: its tokenizer could "
+                  "not be checked against the samples'", file=sys.stderr)
         return
     mine, theirs = samples_manifest["tokenizer"], judge_manifest["tokenizer"]
     if mine.get("files") != theirs.get("files") or mine.get("vocab_size") != theirs.get("vocab_size"):

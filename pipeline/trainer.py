@@ -228,7 +228,7 @@ class Trainer:
             from .genppl import check_judge
 
             try:
-                check_judge(cfg.sample.judge, self.manifest)
+                check_judge(cfg.sample.judge, self.manifest, warn=self.rank == 0)
             except (OSError, ValueError, RuntimeError) as err:
                 raise ConfigError(f"sample.judge={cfg.sample.judge}: {err}") from err
         t = cfg.train
@@ -277,7 +277,8 @@ class Trainer:
             log.info("EMA (decay %g): %s", t.ema, self.ema.describe())
 
         self.stream = ShardStream(cfg.data.path, "train", self.dp_rank, self.dp_world, cfg.data.seed, cfg.data.shuffle,
-                                  split_by=cfg.data.split_by, check_sha256=cfg.data.check_sha256)
+                                  split_by=cfg.data.split_by, check_sha256=cfg.data.check_sha256,
+                                  shuffle_window=cfg.data.shuffle_window)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank, self.device)
         self.step = 0
         self.tokens_seen = 0

@@ -195,6 +195,13 @@ def test_a_checkpoint_from_before_the_fused_gradient_update_says_it_ran_deepspee
     assert ckpt.config_differences(fp32, {"train": {"precision": "fp32", "fuse_grad_update": True}}) == ([], [])
 
 
+def test_a_checkpoint_from_before_shuffle_windows_names_its_one_shard_window():
+    old = {"data": {"seed": 1}}
+    assert ckpt.config_differences(old, {"data": {"seed": 1, "shuffle_window": 1}}) == ([], [])
+    assert ckpt.config_differences(old, {"data": {"seed": 1, "shuffle_window": 4}}) == \
+        ([], ["data.shuffle_window: 1 -> 4"])
+
+
 def test_a_checkpoint_from_before_sample_judge_resumes_without_a_changed_setting():
     old = {"sample": {"num_samples": 4}}
     assert ckpt.config_differences(old, {"sample": {"num_samples": 4, "judge": ""}}) == ([], [])

@@ -4,6 +4,7 @@ import itertools
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,11 @@ def uneven_data(tmp_path_factory) -> Path:
     return out
 
 
-def rank_streams(data, world, split_by, epochs, seed=4):
+def rank_streams(data, world, split_by, epochs, seed=4, window=1):
     """Each rank's keys and epoch numbers for `epochs` epochs of the looping training stream."""
     out = []
     for rank in range(world):
-        stream = ShardStream(data, "train", rank, world, seed=seed, split_by=split_by)
+        stream = ShardStream(data, "train", rank, world, seed=seed, split_by=split_by, shuffle_window=window)
         it, seen = iter(stream), []
         for _ in range(epochs * (301 // world)):
             seen.append((next(it)["key"], stream.position.epoch))
@@ -57,56 +58,60 @@ def rank_streams(data, world, split_by, epochs, seed=4):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3, 4, 6])
-def test_uneven_shards_give_every_rank_equal_epochs_without_a_repeat(uneven_data, world):
+@pytest.mark.parametrize("world,window", [(2, 1), (3, 1), (4, 1), (6, 1), (3, 2), (4, 3)])
+def test_uneven_shards_give_every_rank_equal_epochs_without_a_repeat(uneven_data, world, window):
     """Shards that no world size divides (and more ranks than shards): every rank's epoch is
     301 // W samples, the r-th contiguous part of the one-rank epoch, all ranks change epoch at the
     same sample, no sample repeats within an epoch, and the 301 mod W left out change each epoch."""
-    (single,) = rank_streams(uneven_data, 1, "shard", epochs=3)
-    streams = rank_streams(uneven_data, world, "shard", epochs=3)
+    (single,) = rank_streams(uneven_data, 1, "shard", epochs=3, window=window)
+    streams = rank_streams(uneven_data, world, "shard", epochs=3, window=window)
     per_epoch = 301 // world
     left_out = []
     for epoch in range(3):
         whole = [k for k, _ in single[epoch * 301:(epoch + 1) * 301]]
-        window = slice(epoch * per_epoch, (epoch + 1) * per_epoch)
-        assert all(e == epoch for seen in streams for _, e in seen[window])
+        span = slice(epoch * per_epoch, (epoch + 1) * per_epoch)
+        assert all(e == epoch for seen in streams for _, e in seen[span])
         for rank, seen in enumerate(streams):
-            assert [k for k, _ in seen[window]] == whole[rank * per_epoch:(rank + 1) * per_epoch]
-        epoch_keys = [k for seen in streams for k, _ in seen[window]]
+            assert [k for k, _ in seen[span]] == whole[rank * per_epoch:(rank + 1) * per_epoch]
+        epoch_keys = [k for seen in streams for k, _ in seen[span]]
         assert len(epoch_keys) == len(set(epoch_keys)) == world * per_epoch
         left_out.append(set(whole) - set(epoch_keys))
         assert len(left_out[-1]) == 301 % world
     assert left_out[0] != left_out[1] != left_out[2]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_split_by_sample_keeps_the_global_order_of_one_rank_across_epochs(uneven_data, world):
+@pytest.mark.parametrize("world,window", [(2, 1), (3, 1), (3, 2)])
+def test_split_by_sample_keeps_the_global_order_of_one_rank_across_epochs(uneven_data, world, window):
     """Rank r's j-th sample is sample j * W + r of the one-rank stream, across epoch boundaries of
     a split that W does not divide: the global batches do not depend on the world size."""
-    (single,) = rank_streams(uneven_data, 1, "sample", epochs=4)
-    streams = rank_streams(uneven_data, world, "sample", epochs=4)  # four epoch boundaries
+    (single,) = rank_streams(uneven_data, 1, "sample", epochs=4, window=window)
+    streams = rank_streams(uneven_data, world, "sample", epochs=4, window=window)  # four epoch boundaries
     n = len(streams[-1])
     interleaved = [streams[r][j][0] for j in range(n) for r in range(world)]
     assert n * world > 3 * 301 and interleaved == [k for k, _ in single[:n * world]]
     assert sorted(k for k, _ in single[:301]) == [f"train-{i:08d}" for i in range(301)]
 
 
-@pytest.mark.parametrize("split_by", ["shard", "sample"])
-def test_a_single_pass_covers_every_sample_once_on_any_world_size(uneven_data, split_by):
+@pytest.mark.parametrize("split_by,window", [("shard", 1), ("sample", 1), ("shard", 2)])
+def test_a_single_pass_covers_every_sample_once_on_any_world_size(uneven_data, split_by, window):
     seen = []
     for rank in range(3):
-        seen += [s["key"] for s in ShardStream(uneven_data, "val", rank, 3, loop=False, split_by=split_by)]
+        seen += [s["key"] for s in ShardStream(uneven_data, "val", rank, 3, loop=False, split_by=split_by,
+                                               shuffle_window=window)]
     assert sorted(seen) == [f"val-{i:08d}" for i in range(67)]
 
 
-@pytest.mark.parametrize("split_by", ["shard", "sample"])
-def test_a_position_inside_a_shard_two_ranks_share_resumes_exactly(uneven_data, split_by):
+@pytest.mark.parametrize("split_by,window", [("shard", 1), ("sample", 1), ("shard", 2), ("sample", 3)])
+def test_a_position_inside_a_shard_two_ranks_share_resumes_exactly(uneven_data, split_by, window):
+    def stream(rank):
+        return ShardStream(uneven_data, "train", rank, 3, seed=2, split_by=split_by, shuffle_window=window)
+
     for rank in range(3):
-        reference = keys(iter(ShardStream(uneven_data, "train", rank, 3, seed=2, split_by=split_by)), 250)
+        reference = keys(iter(stream(rank)), 250)
         for cut in (37, 100, 101, 150):  # inside shards, at the epoch's end (100 per rank), past it
-            partial = ShardStream(uneven_data, "train", rank, 3, seed=2, split_by=split_by)
+            partial = stream(rank)
             head = keys(iter(partial), cut)
-            resumed = ShardStream(uneven_data, "train", rank, 3, seed=2, split_by=split_by)
+            resumed = stream(rank)
             resumed.load_state_dict(partial.state_dict())
             assert head + keys(iter(resumed), 250 - cut) == reference
 
@@ -168,6 +173,54 @@ def test_a_position_saved_by_the_earlier_loader_restarts_its_epoch_with_a_warnin
             stream.position.samples_seen) == (3, 0, 0, 900)
 
 
+def shard_of(key: str) -> int:
+    return int(key.split("-")[1]) // 64  # uneven_data writes keys in order, 64 per shard
+
+
+def test_a_shuffle_window_mixes_its_shards_in_every_batch(uneven_data):
+    """With a window of 3 shards, every 16-sample batch of the window's samples draws from several of the
+    first window's shards (a one-shard window keeps each whole shard together); each
+    epoch is still a permutation of the split, and the windows are regrouped every epoch."""
+    mixed = ShardStream(uneven_data, "train", seed=5, shuffle_window=3)
+    one = keys(iter(ShardStream(uneven_data, "train", seed=5)), 45)
+    assert len({shard_of(k) for k in one}) == 1
+    seen = [(s["key"], mixed.position.epoch) for s in itertools.islice(iter(mixed), 3 * 301)]
+    first_window = mixed._epoch_plan(0)[0].shards
+    assert len(first_window) == 3 and mixed._epoch_plan(0)[1].shards != first_window
+    size = int(mixed.counts[list(first_window)].sum())
+    head = [shard_of(k) for k, _ in seen[:size]]
+    assert set(head) == set(first_window)
+    assert all(len(set(head[i:i + 16])) >= 2 for i in range(0, size - 15, 16))
+    for epoch in range(3):
+        epoch_keys = [k for k, e in seen if e == epoch]
+        assert sorted(epoch_keys) == [f"train-{i:08d}" for i in range(301)]
+    assert {mixed._epoch_plan(e)[0].shards for e in range(3)} != {first_window}
+
+
+def test_a_changed_shuffle_window_restarts_the_epoch_and_an_older_position_resumes(uneven_data):
+    first = ShardStream(uneven_data, "train", seed=1, shuffle_window=2)
+    keys(iter(first), 10)
+    other = ShardStream(uneven_data, "train", seed=1, shuffle_window=4)
+    with pytest.warns(UserWarning, match="saved with shuffle_window=2, resuming with shuffle_window=4: restarting "
+                                         "epoch 0"):
+        other.load_state_dict(first.state_dict())
+    assert (other.position.segment_cursor, other.position.sample_cursor) == (0, 0)
+    # a position saved before windows existed read one shard at a time: it resumes as shuffle_window=1
+    plain = ShardStream(uneven_data, "train", seed=1)
+    reference = keys(iter(plain), 100)
+    partial = ShardStream(uneven_data, "train", seed=1)
+    head = keys(iter(partial), 70)
+    state = partial.state_dict()
+    del state["shuffle_window"]
+    resumed = ShardStream(uneven_data, "train", seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(state)
+    assert head + keys(iter(resumed), 30) == reference
+    with pytest.raises(ValueError, match="shuffle_window must be >= 1 shard, got 0"):
+        ShardStream(uneven_data, "train", shuffle_window=0)
+
+
 def test_more_ranks_than_training_samples_is_refused_by_name(markov_data):
     with pytest.raises(ValueError, match=r"split 'val' of .* has 64 samples, fewer than the 65 data-parallel ranks"):
         ShardStream(markov_data, "val", 0, 65)
@@ -213,7 +266,8 @@ def test_manifest_sample_count_mismatch_is_reported(markov_data, tmp_path):
         list(ShardStream(copy, "val", shuffle=False, loop=False))
 
 
-def test_the_next_shard_is_read_in_the_background_in_the_same_order(markov_data, monkeypatch):
+@pytest.mark.parametrize("window", [1, 2])
+def test_the_next_shard_is_read_in_the_background_in_the_same_order(markov_data, monkeypatch, window):
     import threading
 
     from pipeline import data
@@ -225,26 +279,27 @@ def test_the_next_shard_is_read_in_the_background_in_the_same_order(markov_data,
         reads.append((url.rsplit("/", 1)[-1], threading.current_thread().name.startswith("shard-prefetch")))
         return real(url, sha256)
 
-    # the order the stream promises, built by hand: epoch plan, then each shard's sample order
-    reference = ShardStream(markov_data, "train", seed=3)
+    # the order the stream promises, built by hand: epoch plan, then each window's sample order
+    reference = ShardStream(markov_data, "train", seed=3, shuffle_window=window)
     plain = []
     for epoch in range(2):
         for segment in reference._epoch_plan(epoch):
-            samples = data.read_shard(str(markov_data / reference.shards[segment.shard]["name"]))
-            order = reference._sample_order(epoch, segment.shard, len(samples))
+            samples = [s for i in segment.shards for s in data.read_shard(str(markov_data / reference.shards[i]["name"]))]
+            order = reference._sample_order(epoch, segment, len(samples))
             plain += [samples[i]["key"] for i in order[segment.start:segment.stop:segment.step]]
-    plain = plain[:200]
+    plain = plain[:512]
     monkeypatch.setattr(data, "read_shard", recording)
-    stream = iter(ShardStream(markov_data, "train", seed=3))
+    stream = iter(ShardStream(markov_data, "train", seed=3, shuffle_window=window))
     first = next(stream)
-    for _ in range(50):  # the prefetch has had time to start
-        if len(reads) > 1:
+    for _ in range(50):  # the prefetch has had time to finish
+        if len(reads) == 2 * window:
             break
         threading.Event().wait(0.05)
-    assert len(reads) == 2 and reads[0][1] is False and reads[1][1] is True
-    keys = [first["key"]] + [s["key"] for s in itertools.islice(stream, 199)]
-    assert keys == plain  # prefetching changes nothing in what a rank sees
-    assert all(background for _, background in reads[1:])
+    assert [background for _, background in reads] == [False] * window + [True] * window
+    keys = [first["key"]] + [s["key"] for s in itertools.islice(stream, 511)]
+    assert keys == plain  # prefetching changes nothing in what a rank sees (one epoch: 4 shards of 128)
+    assert len({name for name, _ in reads[:4]}) == 4  # each shard read once
+    assert all(background for _, background in reads[window:])
 
 
 def test_a_pending_shard_read_does_not_hold_up_process_exit(markov_data):

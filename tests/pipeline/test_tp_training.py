@@ -135,6 +135,38 @@ def test_converted_checkpoint_gives_tp2_logits(tp2_dp2, tmp_path):
     assert ema.weights == "ema"
 
 
+def test_a_layout_keyed_by_wrapped_names_converts_to_the_same_weights(tp2_dp2, tmp_path):
+    """Checkpoints of runs with activation checkpointing once keyed the TP layout by the wrapped
+    module names: convert_tp reads them as plain names (else every block shard is 'replicated')."""
+    import json
+    import re
+    import shutil
+
+    from pipeline.checkpoint import COMPLETE
+    from pipeline.inference import load_checkpoint_model
+
+    old = tmp_path / "old" / "checkpoints"
+    shutil.copytree(tp2_dp2 / "checkpoints", old)
+    tag = old / f"step{STEPS:08d}"
+    listed = json.loads((tag / COMPLETE).read_text())
+    wrapped = 0
+    for path in tag.glob("mp_rank_*_model_states.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        layout = {re.sub(r"(blocks\.\d+\.)", r"\1_checkpoint_wrapped_module.", k): v
+                  for k, v in state["parallel"]["layout"].items()}
+        wrapped += sum("_checkpoint_wrapped_module." in k for k in layout)
+        state["parallel"]["layout"] = layout
+        torch.save(state, path)
+        listed["files"][path.name] = path.stat().st_size
+    (tag / COMPLETE).write_text(json.dumps(listed))
+    assert wrapped > 0
+    converted = load_checkpoint_model(convert_to_tp1(old, tmp_path / "old_tp1"), use_ema=False).model.state_dict()
+    current = load_checkpoint_model(convert_to_tp1(tp2_dp2 / "checkpoints", tmp_path / "tp1"),
+                                    use_ema=False).model.state_dict()
+    assert converted.keys() == current.keys()
+    assert all(torch.equal(converted[k], current[k]) for k in current)
+
+
 def test_an_unmerged_tp_checkpoint_is_refused_as_a_judge(tp2_dp2):
     from pipeline.data import load_manifest
     from pipeline.genppl import check_judge
