@@ -10,6 +10,7 @@ BOS + chunk + EOS with EOS between documents (wrap mode).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -57,13 +58,19 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
+class UnreadableSplit(RuntimeError):
+    """A rank could not read its part of the evaluated split: raised on every rank together."""
+
+
 @torch.no_grad()
 def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str, batch_size: int,
                         time_samples: int = 4, max_batches: int = 0, seed: int = 0,
                         rank: int = 0, world_size: int = 1, device=None,
                         discrete_steps: int = 0, check_sha256: bool = True) -> dict:
     """exp(NELBO per token) for MDLM, exact perplexity for AR, over a deterministic pass of `split`,
-    split across ranks; the standard error comes from the K draws per sequence."""
+    split across ranks; the standard error comes from the K draws per sequence. A shard that a
+    rank cannot read raises UnreadableSplit on every rank, after the one reduction they all reach
+    (one rank raising alone would leave the others waiting in it)."""
     if isinstance(model, MDLM) and time_samples < 2:
         raise ValueError(f"time_samples={time_samples}: the bound's standard error needs at least 2 Monte Carlo "
                          "times per sequence")
@@ -72,11 +79,22 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
     model.eval()
     # every rank reads the (small) eval split and keeps every W-th sample: the evaluated set is
     # the first samples of the split in file order, whatever the world size
-    stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False, split_by="sample",
-                         check_sha256=check_sha256)
-    total, var, tokens, seqs = 0.0, 0.0, 0.0, 0
-    for i, (x0, valid, keys) in enumerate(batches(stream, batch_size, drop_last=False)):
+    total, var, tokens, seqs, error = 0.0, 0.0, 0.0, 0, None
+    try:
+        stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False,
+                             split_by="sample", check_sha256=check_sha256)
+    except (OSError, ValueError) as err:
+        stream, error = [], err
+    it = batches(stream, batch_size, drop_last=False)
+    for i in itertools.count():
         if max_batches and i >= max_batches:
+            break
+        try:
+            x0, valid, keys = next(it)
+        except StopIteration:
+            break
+        except (OSError, ValueError) as err:  # a missing or damaged shard
+            error = err
             break
         x0 = x0.to(device)
         valid = valid.to(device) if valid is not None else None
@@ -94,8 +112,12 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
             tokens += float(valid[:, 1:].sum()) if valid is not None else x0[:, 1:].numel()
         total += float(nelbo.sum())
         seqs += x0.shape[0]
-    total, var, tokens, seqs = _all_reduce([total, var, tokens, seqs], device)
+    total, var, tokens, seqs, failed = _all_reduce([total, var, tokens, seqs, float(error is not None)], device)
     model.train(was_training)
+    if failed:
+        here = f"; here: {type(error).__name__}: {error}" if error is not None else ""
+        raise UnreadableSplit(f"split '{split}' of {data_dir} could not be read on {int(failed)} of {world_size} "
+                              f"rank(s){here}") from error
     if tokens == 0:
         raise ValueError(f"split '{split}' of {data_dir} gave no tokens to evaluate")
     per_token = total / tokens
@@ -232,10 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
     loaded = load_checkpoint_model(ckpt, use_ema=not args.no_ema, device=device)
-    with precision_context(precision, device):
-        result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
-                                     args.max_batches, args.seed, rank=rank, world_size=world, device=device,
-                                     discrete_steps=args.discrete_steps)
+    try:
+        with precision_context(precision, device):
+            result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
+                                         args.max_batches, args.seed, rank=rank, world_size=world, device=device,
+                                         discrete_steps=args.discrete_steps)
+    except UnreadableSplit as err:
+        print(f"error: {err}", file=sys.stderr)
+        shutdown_distributed()
+        return 1
     if rank == 0:
         result.update(unigram_perplexity(data, args.split,
                                          max_eval_samples=args.max_batches * args.batch_size * world))

@@ -632,7 +632,7 @@ class Trainer:
                   name)
 
     def evaluate(self) -> dict:
-        from .evaluate import evaluate_likelihood
+        from .evaluate import UnreadableSplit, evaluate_likelihood
 
         e, model = self.cfg.eval, self.eval_model()
 
@@ -656,7 +656,11 @@ class Trainer:
                     log.warning("eval.corpora.%s (%s) is not readable on every rank (here: %s): skipped",
                                 name, path, "readable" if split else reason)
                 continue
-            result["corpora"][name] = on(path, split)
+            try:
+                result["corpora"][name] = on(path, split)
+            except UnreadableSplit as err:  # every rank raises it: the run goes on without this corpus
+                if self.rank == 0:
+                    log.warning("eval.corpora.%s: %s: skipped", name, err)
         return result
 
     def sample(self, model: torch.nn.Module | None = None) -> tuple[list[str], torch.Tensor | None]:

@@ -112,3 +112,41 @@ def test_zero3_placeholders_hold_no_weights_even_with_transformer_engine_state()
     assert not holds_weights(placeholders)
     assert holds_weights({**placeholders, "blocks.0.attn_qkv.weight": torch.ones(4, 4)})
     assert not holds_weights({}) and not holds_weights(None)
+
+
+def _evaluate_with_rank_1_unreadable(rank, port, data_dir, results):
+    import torch.distributed as dist
+
+    from pipeline import data
+    from pipeline.evaluate import UnreadableSplit
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # its storage fails: rank 0 reads its part and waits in the reduction
+            data.ShardStream.read_retry_wait_s = 0.0
+            data.read_shard = lambda url, sha256=None: (_ for _ in ()).throw(OSError("Input/output error"))
+        try:
+            evaluate_likelihood(tiny_mdlm(), data_dir, "val", 8, 2, rank=rank, world_size=2)
+            results[rank] = "returned"
+        except UnreadableSplit as err:
+            results[rank] = str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_shard_one_rank_cannot_read_fails_the_evaluation_on_every_rank(markov_data):
+    """Not a hang: the rank that failed still joins the reduction, and every rank raises."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_evaluate_with_rank_1_unreadable, args=(port, str(markov_data), results), nprocs=2, join=True)
+        results = dict(results)
+    assert results[0] == f"split 'val' of {markov_data} could not be read on 1 of 2 rank(s)"
+    assert results[1].startswith(f"split 'val' of {markov_data} could not be read on 1 of 2 rank(s); here: OSError: ")
+    assert "Input/output error), 3 tries" in results[1]

@@ -87,6 +87,28 @@ def test_a_resume_on_another_data_parallel_size_restarts_the_epoch_with_a_warnin
     assert [key for _, key in recorded] == epoch_start
 
 
+def test_a_tensor_parallel_resume_on_more_data_parallel_ranks_restarts_the_epoch(markov_data):
+    """TP=2 x DP=1 (2 processes) resumed as TP=2 x DP=2 (4): the position's own data-parallel size
+    (1) is compared, not the saved process count (2, the new data-parallel size)."""
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from pipeline.data import ShardStream
+    from pipeline.trainer import Trainer
+
+    saved = ShardStream(markov_data, "train", 0, 1, seed=3)
+    it = iter(saved)
+    for _ in range(40):
+        next(it)
+    entry = {"data": saved.state_dict(), "rng": {"cpu": torch.get_rng_state()}}
+    host = SimpleNamespace(stream=ShardStream(markov_data, "train", 1, 2, seed=3), world=4, rank=2, ema=None)
+    with pytest.warns(UserWarning, match="saved with world_size=1, resuming with world_size=2: restarting epoch 0"):
+        Trainer._restore(host, {"step": 5, "world_size": 2, "per_rank": [entry, entry]})
+    assert (host.stream.position.segment_cursor, host.stream.position.sample_cursor) == (0, 0)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(markov_data, tmp_path):
     """...with status 0 by default (train.exit_code_on_signal; the Kubernetes manifest's 143 is
     tested through torchrun in tests/cluster/test_multinode_local.py)."""

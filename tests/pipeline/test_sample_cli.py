@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -460,22 +461,31 @@ def test_ar_samples_never_draw_the_mask_id(ckpts, tmp_path, monkeypatch):
 
 
 def test_a_corpus_gone_since_the_start_is_skipped_and_a_failing_judge_is_reported(ckpts, markov_data, tmp_path,
-                                                                                   caplog):
+                                                                                   caplog, monkeypatch):
     """Both are checked at start; what changes on disk later costs one metric, not the run."""
+    import shutil
     from types import SimpleNamespace
 
     from pipeline.config import load_run_config
+    from pipeline.data import ShardStream
     from pipeline.inference import load_checkpoint_model
     from pipeline.trainer import Trainer
 
     cfg = load_run_config("configs/train/tiny-test.yaml", [f"data.path={markov_data}"])
-    cfg.eval.corpora = {"gone": str(tmp_path / "unmounted"), "same": str(markov_data)}  # as if deleted since
+    damaged = tmp_path / "damaged"  # its manifest reads, its shard does not
+    shutil.copytree(markov_data, damaged)
+    (shard,) = damaged.glob("val/*.tar")
+    shard.write_bytes(shard.read_bytes()[:5000])
+    monkeypatch.setattr(ShardStream, "read_retry_wait_s", 0.0)
+    cfg.eval.corpora = {"gone": str(tmp_path / "unmounted"), "same": str(markov_data), "damaged": str(damaged)}
     cfg.sample.judge = str(tmp_path / "judge-deleted")
     model = load_checkpoint_model(ckpts["mdlm"]).model
     host = SimpleNamespace(cfg=cfg, eval_model=lambda: model, rank=0, world=1, device=torch.device("cpu"))
     result = Trainer.evaluate(host)
     assert sorted(result["corpora"]) == ["same"] and result["corpora"]["same"]["nelbo"] == result["nelbo"]
     assert "eval.corpora.gone" in caplog.text and "is not readable on every rank" in caplog.text
+    assert re.search(r"eval.corpora.damaged: split 'val' of \S+ could not be read on 1 of 1 rank\(s\); here: OSError: "
+                     r"\S+\.tar could not be read .*: skipped", caplog.text)
     tokens = torch.tensor([[1, 2, 2, 3], [4, 4, 4, 4]])
     stats = Trainer.sample_stats(host, tokens, ["a", "b"])
     assert stats["entropy"] > 0 and "gen_ppl" not in stats
