@@ -85,7 +85,10 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
         old.setdefault("data.shuffle_window", 1)     # ... and read one shard at a time
     if "train.fuse_grad_update" in new:
         old.setdefault("train.fuse_grad_update", False)  # ... and ran DeepSpeed's own gradient update
+    unshuffled = False in (old.get("data.shuffle"), new.get("data.shuffle"))
     for flat in (old, new):
+        if unshuffled:  # unshuffled data is read a shard at a time whatever the window
+            flat.pop("data.shuffle_window", None)
         if flat.get("train.precision") not in ("bf16", "fp8"):  # they only mean something under bf16/fp8 weights
             flat.pop("train.grad_precision", None)
             flat.pop("train.fuse_grad_update", None)

@@ -18,9 +18,9 @@ class DataConfig:
     path: str = ""                 # a data_prep output directory (holds manifest.json)
     micro_batch_size: int = 8
     shuffle: bool = True
-    # consecutive shards of the epoch's seeded order whose samples are permuted together: an exact,
-    # resumable shuffle buffer of that many shards (data_prep's auto shard holds ~256 MiB of
-    # tokens; a rank holds two windows, the one it trains on and the next one read ahead)
+    # consecutive shards of the epoch's seeded order whose samples are permuted together (a block
+    # shuffle, deterministic and resumable; data_prep's auto shard holds ~256 MiB of tokens and a
+    # rank holds two windows: the one it trains on and the next, read ahead)
     shuffle_window: int = 4
     seed: int = 1234
     eval_split: str = "val"

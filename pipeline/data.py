@@ -2,10 +2,10 @@
 
 An epoch is one pass over the split as a sequence: the shards in a seeded permutation, grouped
 into windows of `shuffle_window` consecutive shards, each window's samples in one seeded
-permutation (an exact shuffle buffer of that many shards: a batch mixes the window's shards, not
-one shard's stretch of the corpus). split_by="shard" gives rank r the r-th of W equal, contiguous
-ranges of that sequence, so a rank reads about 1/W of the shards (and at most two windows it
-shares with a neighbour); a looping stream drops the last (total mod W) < W samples of each epoch,
+permutation (a block shuffle: a batch mixes the window's shards, not one shard's stretch of the
+corpus; samples do not mix across windows). split_by="shard" gives rank r the r-th of W equal, contiguous
+ranges of that sequence, so a rank reads about 1/W of the shards plus the windows its part
+touches (a window whose samples are split between ranks is read by each of them); a looping stream drops the last (total mod W) < W samples of each epoch,
 so every rank's epoch has the same length, epochs change at the same step on every rank and no
 sample is seen twice within one. split_by="sample" gives rank r the positions p = r mod W of the
 endless sequence of epochs: the global order is the same for every world size and nothing is
@@ -175,6 +175,7 @@ class ShardStream:
         self.shards_digest = hashlib.sha256(json.dumps([[s["name"], int(s["samples"])] for s in self.shards])
                                             .encode()).hexdigest()[:16]
         self._plans: dict[int, list[Segment]] = {}
+        self._epoch_windows: dict[int, int] = {}  # an epoch resumed under another window keeps it
         self._starts: tuple[int, list[int]] = (-1, [])
         self.position = StreamPosition()
 
@@ -185,7 +186,7 @@ class ShardStream:
         order = np.arange(len(self.shards))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        k = self.shuffle_window
+        k = self._window(epoch)
         windows = [tuple(order[i:i + k].tolist()) for i in range(0, len(order), k)]
         bounds = np.concatenate([[0], np.cumsum([int(self.counts[list(w)].sum()) for w in windows])]).tolist()
         total, world, rank = bounds[-1], self.world_size, self.rank
@@ -211,6 +212,9 @@ class ShardStream:
         self._plans[epoch] = plan
         return plan
 
+    def _window(self, epoch: int) -> int:
+        return self._epoch_windows.get(epoch, self.shuffle_window)
+
     def epochs_done(self) -> float:
         """Epochs this rank has consumed, the current one as the fraction of its samples yielded."""
         pos = self.position
@@ -225,9 +229,10 @@ class ShardStream:
         """The permutation of the window's samples (its shards' samples in turn, in file order)."""
         order = np.arange(count)
         if self.shuffle:
-            # a one-shard window keeps the seeding of the loader before windows: its positions stay valid
+            # a one-shard window keeps the seeding of the loader before windows (its positions stay
+            # valid); numpy's seeding ignores trailing zeros, hence the final 1 of the other key
             key = [self.seed, epoch, *segment.shards] if len(segment.shards) == 1 else \
-                [self.seed, epoch, self.shuffle_window, segment.window]
+                [self.seed, epoch, self._window(epoch), segment.window, 1]
             order = np.random.default_rng(key).permutation(order)
         return order
 
@@ -312,13 +317,13 @@ class ShardStream:
 
     def state_dict(self) -> dict:
         return {**asdict(self.position), "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
-                "shuffle": self.shuffle, "split_by": self.split_by, "shuffle_window": self.shuffle_window,
-                "shards": self.shards_digest, "plan": PLAN_VERSION}
+                "shuffle": self.shuffle, "split_by": self.split_by,
+                "shuffle_window": self._window(self.position.epoch), "shards": self.shards_digest,
+                "plan": PLAN_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
         mine = {"world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle, "split_by": self.split_by,
-                "shuffle_window": self.shuffle_window, "shards": self.shards_digest}
-        state = {"shuffle_window": 1, **state}  # saved before windows: one shard at a time
+                "shards": self.shards_digest}
         if state.get("plan") != PLAN_VERSION:  # its cursors count the segments of another plan
             reason = f"by an earlier data loader (plan {state.get('plan', 1)}, now {PLAN_VERSION})"
         else:
@@ -333,6 +338,14 @@ class ShardStream:
             self.position = StreamPosition(epoch=state.get("epoch", 0), samples_seen=state.get("samples_seen", 0))
             return
         self.position = StreamPosition(**{k: state[k] for k in asdict(StreamPosition())})
+        # another shuffle_window (or none saved: one shard at a time) takes effect at the next
+        # epoch: the current one is finished as it was planned, nothing repeated or skipped
+        saved_window = int(state.get("shuffle_window", 1))
+        self._plans, self._epoch_windows = {}, {}
+        if saved_window != self.shuffle_window:
+            self._epoch_windows[self.position.epoch] = saved_window
+            log.info("data position saved with shuffle_window=%d: epoch %d finishes with it, the next ones use %d",
+                     saved_window, self.position.epoch, self.shuffle_window)
 
 
 def batches(stream, batch_size: int, drop_last: bool = True):

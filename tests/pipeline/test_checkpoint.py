@@ -200,6 +200,8 @@ def test_a_checkpoint_from_before_shuffle_windows_names_its_one_shard_window():
     assert ckpt.config_differences(old, {"data": {"seed": 1, "shuffle_window": 1}}) == ([], [])
     assert ckpt.config_differences(old, {"data": {"seed": 1, "shuffle_window": 4}}) == \
         ([], ["data.shuffle_window: 1 -> 4"])
+    unshuffled = {"data": {"seed": 1, "shuffle": False}}  # read a shard at a time whatever the window
+    assert ckpt.config_differences(unshuffled, {"data": {**unshuffled["data"], "shuffle_window": 4}}) == ([], [])
 
 
 def test_a_checkpoint_from_before_sample_judge_resumes_without_a_changed_setting():

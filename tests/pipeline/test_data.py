@@ -197,26 +197,35 @@ def test_a_shuffle_window_mixes_its_shards_in_every_batch(uneven_data):
     assert {mixed._epoch_plan(e)[0].shards for e in range(3)} != {first_window}
 
 
-def test_a_changed_shuffle_window_restarts_the_epoch_and_an_older_position_resumes(uneven_data):
-    first = ShardStream(uneven_data, "train", seed=1, shuffle_window=2)
-    keys(iter(first), 10)
-    other = ShardStream(uneven_data, "train", seed=1, shuffle_window=4)
-    with pytest.warns(UserWarning, match="saved with shuffle_window=2, resuming with shuffle_window=4: restarting "
-                                         "epoch 0"):
-        other.load_state_dict(first.state_dict())
-    assert (other.position.segment_cursor, other.position.sample_cursor) == (0, 0)
-    # a position saved before windows existed read one shard at a time: it resumes as shuffle_window=1
-    plain = ShardStream(uneven_data, "train", seed=1)
-    reference = keys(iter(plain), 100)
-    partial = ShardStream(uneven_data, "train", seed=1)
-    head = keys(iter(partial), 70)
-    state = partial.state_dict()
-    del state["shuffle_window"]
-    resumed = ShardStream(uneven_data, "train", seed=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        resumed.load_state_dict(state)
-    assert head + keys(iter(resumed), 30) == reference
+@pytest.mark.parametrize("saved,now,world", [(2, 4, 1), (None, 4, 1), (3, 1, 3), (None, 2, 2)])
+def test_a_changed_shuffle_window_takes_effect_at_the_next_epoch(uneven_data, saved, now, world):
+    """A resume with another window (None: a position saved before windows, read one shard at a
+    time) finishes the current epoch as it was planned, then uses the new window: nothing of the
+    epoch is repeated or skipped, and the checkpoints taken meanwhile resume the same way."""
+    per_epoch = 301 // world
+    for rank in range(world):
+        def stream(window):
+            return ShardStream(uneven_data, "train", rank, world, seed=1, shuffle_window=window or 1)
+
+        before, after = keys(iter(stream(saved)), 2 * per_epoch), keys(iter(stream(now)), 3 * per_epoch)
+        partial = stream(saved)
+        head = keys(iter(partial), 40)
+        state = partial.state_dict()
+        if saved is None:
+            del state["shuffle_window"]
+        resumed = stream(now)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            resumed.load_state_dict(state)
+        it = iter(resumed)
+        middle = keys(it, 20)
+        again = stream(now)  # a checkpoint inside the carried-over epoch
+        again.load_state_dict(resumed.state_dict())
+        rest = keys(it, 3 * per_epoch - 60)
+        assert head + middle + rest[:per_epoch - 60] == before[:per_epoch]
+        assert rest[per_epoch - 60:] == after[per_epoch:] == keys(iter(again), 3 * per_epoch - 60)[per_epoch - 60:]
+    if saved:
+        assert before[:per_epoch] != after[:per_epoch]
     with pytest.raises(ValueError, match="shuffle_window must be >= 1 shard, got 0"):
         ShardStream(uneven_data, "train", shuffle_window=0)
 
