@@ -50,6 +50,10 @@ class ShardChecksumError(ValueError):
     pass
 
 
+class ShardDataError(ValueError):
+    """A shard that reads but disagrees with its manifest (sample count, length, token ids)."""
+
+
 class _HashingReader(io.RawIOBase):
     """A file read through once, sha256 updated with every byte that passes."""
 
@@ -296,14 +300,14 @@ class ShardStream:
                 log.warning("reading %s failed (%s); retrying", url, reason)
                 time.sleep(self.read_retry_wait_s * attempt)
         if len(samples) != shard["samples"]:
-            raise ValueError(f"{shard['name']}: {len(samples)} samples but the manifest says "
+            raise ShardDataError(f"{shard['name']}: {len(samples)} samples but the manifest says "
                              f"{shard['samples']}; {verify}")
         seq_len, vocab = int(self.manifest["seq_len"]), int(self.manifest["tokenizer"]["vocab_size"])
         for sample in samples:
             tokens = sample["tokens"]
             if tokens.shape != (seq_len,) or (tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab):
                 ids = f"ids {int(tokens.min())}..{int(tokens.max())}" if tokens.size else "no ids"
-                raise ValueError(f"{shard['name']}: sample {sample['key']} has shape {tokens.shape} and token "
+                raise ShardDataError(f"{shard['name']}: sample {sample['key']} has shape {tokens.shape} and token "
                                  f"{ids}, but the manifest says {seq_len} tokens with ids in 0..{vocab - 1}; {verify}")
         return samples
 

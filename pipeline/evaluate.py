@@ -24,7 +24,7 @@ import torch.distributed as dist
 from model.likelihood import ar_nll, mdlm_discrete_nelbo, mdlm_nelbo
 from model.mdlm import MDLM
 
-from .data import ShardStream, batches, load_manifest
+from .data import ShardDataError, ShardStream, batches, load_manifest
 
 
 def conventions(manifest: dict, objective: str = "mdlm") -> dict:
@@ -93,7 +93,7 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
             x0, valid, keys = next(it)
         except StopIteration:
             break
-        except (OSError, ValueError) as err:  # a missing or damaged shard
+        except (OSError, ShardDataError) as err:  # a missing or damaged shard
             error = err
             break
         x0 = x0.to(device)

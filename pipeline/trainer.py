@@ -659,9 +659,21 @@ class Trainer:
             try:
                 result["corpora"][name] = on(path, split)
             except UnreadableSplit as err:  # every rank raises it: the run goes on without this corpus
-                if self.rank == 0:
+                if self.rank == 0 or err.__cause__ is not None:  # and a failing rank says why
                     log.warning("eval.corpora.%s: %s: skipped", name, err)
         return result
+
+    def _evaluate_saving_first_on_failure(self) -> dict:
+        """A periodic evaluation whose split cannot be read stops the run (every rank at once), but
+        not before the steps trained since the last checkpoint are saved."""
+        from .evaluate import UnreadableSplit
+
+        try:
+            return self.evaluate()
+        except UnreadableSplit:
+            if self._saved_step != self.step:
+                self.save()
+            raise
 
     def sample(self, model: torch.nn.Module | None = None) -> tuple[list[str], torch.Tensor | None]:
         """(texts, token ids) of sample.num_samples samples from the model (rank 0)."""
@@ -757,7 +769,7 @@ class Trainer:
                 window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
             aside = time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
-                self._log_eval(self.evaluate())
+                self._log_eval(self._evaluate_saving_first_on_failure())
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                 self.save()
             paused += time.perf_counter() - aside

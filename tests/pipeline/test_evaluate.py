@@ -150,3 +150,42 @@ def test_a_shard_one_rank_cannot_read_fails_the_evaluation_on_every_rank(markov_
     assert results[0] == f"split 'val' of {markov_data} could not be read on 1 of 2 rank(s)"
     assert results[1].startswith(f"split 'val' of {markov_data} could not be read on 1 of 2 rank(s); here: OSError: ")
     assert "Input/output error), 3 tries" in results[1]
+
+
+def test_only_data_errors_count_as_an_unreadable_split(markov_data, monkeypatch):
+    """A shard that disagrees with its manifest is 'unreadable' (an extra corpus is then skipped);
+    a ValueError from anywhere else is a bug and surfaces as itself."""
+    from pipeline import data
+    from pipeline.evaluate import UnreadableSplit
+
+    real = data.read_shard
+    monkeypatch.setattr(data, "read_shard", lambda url, sha256=None: real(url, sha256)[:-1])
+    with pytest.raises(UnreadableSplit, match=r"could not be read on 1 of 1 rank\(s\); here: ShardDataError: .*63 "
+                                              r"samples but the manifest says 64"):
+        evaluate_likelihood(tiny_mdlm(), markov_data, "val", 8, 2)
+    monkeypatch.setattr(data, "read_shard", real)
+
+    def broken(samples):
+        raise ValueError("a bug in collate")
+
+    monkeypatch.setattr(data, "collate", broken)
+    with pytest.raises(ValueError, match="a bug in collate") as caught:
+        evaluate_likelihood(tiny_mdlm(), markov_data, "val", 8, 2)
+    assert not isinstance(caught.value, UnreadableSplit)
+
+
+def test_a_periodic_evaluation_that_cannot_read_its_split_saves_the_steps_first():
+    from types import SimpleNamespace
+
+    from pipeline.evaluate import UnreadableSplit
+    from pipeline.trainer import Trainer
+
+    def failing():
+        raise UnreadableSplit("split 'val' of /data could not be read on 1 of 8 rank(s)")
+
+    for saved_step, saves in ((500, [1000]), (1000, [])):
+        host = SimpleNamespace(step=1000, _saved_step=saved_step, evaluate=failing, saved=[])
+        host.save = lambda host=host: host.saved.append(host.step)
+        with pytest.raises(UnreadableSplit):
+            Trainer._evaluate_saving_first_on_failure(host)
+        assert host.saved == saves
