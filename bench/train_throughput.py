@@ -382,10 +382,12 @@ def write_figures(path: str, device_name: str, args, results: list, failed: list
                                           "failed": failed}, indent=2))
 
 
-def print_row(r: dict, base: dict) -> None:
+def print_row(r: dict, base: dict | None) -> None:
+    """base: the mode the ratio column is against, None while it is still to run ("-")."""
     mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
     loss = r.get("loss_after", {}).get("mean_last_10pct", r["last_loss"])
-    print(f"{r['mode']:<24}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base['tokens_per_s']:>8.3f}{r['model_tflops']:>10.1f}{mfu:>8}"
+    ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}" if base else "-"
+    print(f"{r['mode']:<24}{r['tokens_per_s']:>12.0f}{ratio:>8}{r['model_tflops']:>10.1f}{mfu:>8}"
           f"{r['mem_gb']:>9.2f}{loss:>9.4f}", flush=True)
 
 
@@ -410,6 +412,7 @@ def main(argv=None) -> int:
           f"accumulation {args.grad_accum}, compile {args.compile}, zero {args.zero_stage}")
     print(f"{'mode':<24}{'tokens/s':>12}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>9}{'loss':>9}", flush=True)
     results, failed = [], []
+    ratio_base = "plain" if "plain" in modes else modes[0]
     multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     for mode in modes:  # one mode failing (e.g. out of memory) must not lose the others' figures
         try:
@@ -424,7 +427,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if results and results[-1]["mode"] == mode:
-            print_row(results[-1], next((r for r in results if r["mode"] == "plain"), results[0]))
+            print_row(results[-1], next((r for r in results if r["mode"] == ratio_base), None))
             if "profile" in results[-1]:
                 print_profile(mode, results[-1]["profile"])
         # each finished mode is on disk at once: a run cut off by a time limit keeps its figures
@@ -433,6 +436,9 @@ def main(argv=None) -> int:
         return 1
     base = next((r for r in results if r["mode"] == "plain"), results[0])
     by_mode = {r["mode"]: r for r in results}
+    if len(results) > 1:  # rows printed before their base mode ran showed "-"
+        print(f"vs {base['mode']}: " + ", ".join(f"{r['mode']} {r['tokens_per_s'] / base['tokens_per_s']:.3f}x"
+                                               for r in results if r is not base))
     for r in results:  # each FP8 (or mixed) mode against its bf16 counterpart
         r["ratio_to_" + base["mode"]] = r["tokens_per_s"] / base["tokens_per_s"]
         base_mode = r["mode"].rsplit("-", 1)[0] if "-" in r["mode"] else None
