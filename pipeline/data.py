@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import tarfile
 import threading
 import time
 import warnings
@@ -68,6 +69,11 @@ class _HashingReader(io.RawIOBase):
         if n:
             self.sha256.update(memoryview(buffer)[:n])
         return n
+
+
+# what storage or a damaged shard raises while it is read: I/O, a cut or garbled tar, a bad .npy, a
+# sample without its tokens, a checksum mismatch (ShardChecksumError is a ValueError)
+SHARD_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, tarfile.TarError)
 
 
 def read_shard(url: str, sha256: str | None = None) -> list[dict]:
@@ -292,7 +298,7 @@ class ShardStream:
             try:
                 samples = read_shard(url, shard.get("sha256") if self.check_sha256 else None)
                 break
-            except Exception as err:
+            except SHARD_READ_ERRORS as err:  # anything else is a bug here, not damage: raised as itself
                 reason = f"{type(err).__name__}: {err}"
                 if attempt == self.read_tries:
                     raise OSError(f"{url} could not be read ({reason}), {self.read_tries} tries; if the storage "

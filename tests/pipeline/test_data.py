@@ -358,6 +358,44 @@ def test_a_failed_shard_read_is_retried_then_reported_with_what_to_do(markov_dat
         next(iter(ShardStream(markov_data, "val", shuffle=False, loop=False)))
 
 
+def test_a_bug_while_reading_is_raised_as_itself_not_retried_as_damage(markov_data, monkeypatch):
+    from pipeline import data
+
+    calls = []
+
+    def buggy(url, sha256=None):
+        calls.append(url)
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(data, "read_shard", buggy)
+    monkeypatch.setattr(ShardStream, "read_retry_wait_s", 0.0)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        next(iter(ShardStream(markov_data, "val", shuffle=False, loop=False)))
+    assert len(calls) == 1
+
+
+def test_a_shard_with_a_sample_missing_its_tokens_is_unreadable(markov_data, tmp_path, monkeypatch):
+    import io
+    import json
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "data"
+    shutil.copytree(markov_data, copy)
+    shard = json.loads((copy / "manifest.json").read_text())["splits"]["val"]["shards"][0]
+    path = copy / shard["name"]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:  # the first sample's tokens.npy renamed away
+        for i, (m, raw) in enumerate(members):
+            if i == 0:
+                m.name = m.name.replace("tokens.npy", "other.npy")
+            tar.addfile(m, io.BytesIO(raw))
+    monkeypatch.setattr(ShardStream, "read_retry_wait_s", 0.0)
+    with pytest.raises(OSError, match=r"could not be read \(KeyError: 'tokens.npy'\), 3 tries"):
+        next(iter(ShardStream(copy, "val", shuffle=False, loop=False, check_sha256=False)))
+
+
 def test_token_ids_outside_the_vocabulary_are_caught_at_the_shard(markov_data, monkeypatch):
     from pipeline import data
 
