@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,12 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-class UnreadableSplit(RuntimeError):
+class EvaluationFailed(RuntimeError):
+    """The evaluation failed on some rank (out of memory, a bug): raised on every rank together,
+    after the one reduction they all reach; on the failing rank with its error as the cause."""
+
+
+class UnreadableSplit(EvaluationFailed):
     """A rank could not read its part of the evaluated split: raised on every rank together."""
 
 
@@ -69,8 +75,10 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
                         discrete_steps: int = 0, check_sha256: bool = True) -> dict:
     """exp(NELBO per token) for MDLM, exact perplexity for AR, over a deterministic pass of `split`,
     split across ranks; the standard error comes from the K draws per sequence. A shard that a
-    rank cannot read raises UnreadableSplit on every rank, after the one reduction they all reach
-    (one rank raising alone would leave the others waiting in it)."""
+    rank cannot read raises UnreadableSplit on every rank, any other error on a rank (out of memory,
+    a bug) EvaluationFailed, after the one reduction they all reach: one rank raising alone would
+    leave the others waiting in it. The model is a local one (Trainer.eval_model): its forward
+    makes no collective call, so a rank can leave the loop at any batch."""
     if isinstance(model, MDLM) and time_samples < 2:
         raise ValueError(f"time_samples={time_samples}: the bound's standard error needs at least 2 Monte Carlo "
                          "times per sequence")
@@ -79,7 +87,7 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
     model.eval()
     # every rank reads the (small) eval split and keeps every W-th sample: the evaluated set is
     # the first samples of the split in file order, whatever the world size
-    total, var, tokens, seqs, error = 0.0, 0.0, 0.0, 0, None
+    total, var, tokens, seqs, error, crash = 0.0, 0.0, 0.0, 0, None, None
     try:
         stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False,
                              split_by="sample", check_sha256=check_sha256)
@@ -96,24 +104,37 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
         except (OSError, ShardDataError) as err:  # a missing or damaged shard
             error = err
             break
-        x0 = x0.to(device)
-        valid = valid.to(device) if valid is not None else None
-        if isinstance(model, MDLM):
-            uniforms = key_uniforms(keys, seed, 1 + time_samples * x0.shape[1])
-            if discrete_steps:
-                nelbo, v = mdlm_discrete_nelbo(model, x0, discrete_steps, time_samples, valid=valid,
-                                               uniforms=uniforms)
+        except Exception as err:
+            crash = err
+            break
+        try:
+            x0 = x0.to(device)
+            valid = valid.to(device) if valid is not None else None
+            if isinstance(model, MDLM):
+                uniforms = key_uniforms(keys, seed, 1 + time_samples * x0.shape[1])
+                if discrete_steps:
+                    nelbo, v = mdlm_discrete_nelbo(model, x0, discrete_steps, time_samples, valid=valid,
+                                                   uniforms=uniforms)
+                else:
+                    nelbo, v = mdlm_nelbo(model, x0, time_samples, valid=valid, uniforms=uniforms)
+                var += float(v.sum())
+                tokens += float(valid.sum()) if valid is not None else x0.numel()
             else:
-                nelbo, v = mdlm_nelbo(model, x0, time_samples, valid=valid, uniforms=uniforms)
-            var += float(v.sum())
-            tokens += float(valid.sum()) if valid is not None else x0.numel()
-        else:
-            nelbo = ar_nll(model, x0, valid)
-            tokens += float(valid[:, 1:].sum()) if valid is not None else x0[:, 1:].numel()
-        total += float(nelbo.sum())
-        seqs += x0.shape[0]
-    total, var, tokens, seqs, failed = _all_reduce([total, var, tokens, seqs, float(error is not None)], device)
+                nelbo = ar_nll(model, x0, valid)
+                tokens += float(valid[:, 1:].sum()) if valid is not None else x0[:, 1:].numel()
+            total += float(nelbo.sum())
+            seqs += x0.shape[0]
+        except Exception as err:  # e.g. out of memory on this rank only
+            crash = err
+            break
+    del stream, it  # a crash's traceback would otherwise keep the batch's tensors alive
+    total, var, tokens, seqs, failed, crashed = _all_reduce(
+        [total, var, tokens, seqs, float(error is not None), float(crash is not None)], device)
     model.train(was_training)
+    if crashed:
+        here = f"; here: {type(crash).__name__}: {crash}" if crash is not None else "; see that rank's log"
+        raise EvaluationFailed(f"evaluating split '{split}' of {data_dir} failed on {int(crashed)} of {world_size} "
+                               f"rank(s){here}") from crash
     if failed:
         here = f"; here: {type(error).__name__}: {error}" if error is not None else ""
         raise UnreadableSplit(f"split '{split}' of {data_dir} could not be read on {int(failed)} of {world_size} "
@@ -259,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
                                          args.max_batches, args.seed, rank=rank, world_size=world, device=device,
                                          discrete_steps=args.discrete_steps)
-    except UnreadableSplit as err:
+    except EvaluationFailed as err:
+        if err.__cause__ is not None and not isinstance(err, UnreadableSplit):  # a bug or OOM: where it was
+            traceback.print_exception(err.__cause__)
         print(f"error: {err}", file=sys.stderr)
         shutdown_distributed()
         return 1

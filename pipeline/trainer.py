@@ -664,13 +664,14 @@ class Trainer:
         return result
 
     def _evaluate_saving_first_on_failure(self) -> dict:
-        """A periodic evaluation whose split cannot be read stops the run (every rank at once), but
-        not before the steps trained since the last checkpoint are saved."""
-        from .evaluate import UnreadableSplit
+        """A periodic evaluation that fails (its split unreadable, or out of memory or a bug on some
+        rank) stops the run on every rank at once, but not before the steps trained since the last
+        checkpoint are saved."""
+        from .evaluate import EvaluationFailed
 
         try:
             return self.evaluate()
-        except UnreadableSplit:
+        except EvaluationFailed:
             if self._saved_step != self.step:
                 self.save()
             raise

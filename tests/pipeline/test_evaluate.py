@@ -152,11 +152,57 @@ def test_a_shard_one_rank_cannot_read_fails_the_evaluation_on_every_rank(markov_
     assert "Input/output error), 3 tries" in results[1]
 
 
+def _evaluate_with_rank_1_out_of_memory(rank, port, data_dir, results):
+    import torch.distributed as dist
+
+    from pipeline.evaluate import EvaluationFailed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = tiny_mdlm()
+        if rank == 1:  # its second batch runs out of memory; rank 0 goes on to the reduction
+            calls = {"n": 0}
+
+            def forward_or_oom(module, args):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+            model.backbone.register_forward_pre_hook(forward_or_oom)
+        try:
+            evaluate_likelihood(model, data_dir, "val", 8, 2, rank=rank, world_size=2)
+            results[rank] = "returned"
+        except EvaluationFailed as err:
+            results[rank] = (type(err).__name__, str(err), type(err.__cause__).__name__)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_on_one_rank_fails_the_evaluation_on_every_rank(markov_data):
+    """An out-of-memory on one rank: both ranks raise EvaluationFailed, the failing one with its
+    error as the cause; nobody is left waiting in the reduction."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_evaluate_with_rank_1_out_of_memory, args=(port, str(markov_data), results), nprocs=2, join=True)
+        results = dict(results)
+    head = f"evaluating split 'val' of {markov_data} failed on 1 of 2 rank(s)"
+    assert results[0] == ("EvaluationFailed", f"{head}; see that rank's log", "NoneType")
+    assert results[1] == ("EvaluationFailed", f"{head}; here: OutOfMemoryError: CUDA out of memory. Tried to "
+                                              f"allocate 2.00 GiB", "OutOfMemoryError")
+
+
 def test_only_data_errors_count_as_an_unreadable_split(markov_data, monkeypatch):
     """A shard that disagrees with its manifest is 'unreadable' (an extra corpus is then skipped);
-    a ValueError from anywhere else is a bug and surfaces as itself."""
+    a ValueError from anywhere else is a bug: the evaluation fails with it as the cause."""
     from pipeline import data
-    from pipeline.evaluate import UnreadableSplit
+    from pipeline.evaluate import EvaluationFailed, UnreadableSplit
 
     real = data.read_shard
     monkeypatch.setattr(data, "read_shard", lambda url, sha256=None: real(url, sha256)[:-1])
@@ -169,23 +215,36 @@ def test_only_data_errors_count_as_an_unreadable_split(markov_data, monkeypatch)
         raise ValueError("a bug in collate")
 
     monkeypatch.setattr(data, "collate", broken)
-    with pytest.raises(ValueError, match="a bug in collate") as caught:
+    with pytest.raises(EvaluationFailed, match=r"failed on 1 of 1 rank\(s\); here: ValueError: a bug in collate") as caught:
         evaluate_likelihood(tiny_mdlm(), markov_data, "val", 8, 2)
-    assert not isinstance(caught.value, UnreadableSplit)
+    assert not isinstance(caught.value, UnreadableSplit) and isinstance(caught.value.__cause__, ValueError)
 
 
-def test_a_periodic_evaluation_that_cannot_read_its_split_saves_the_steps_first():
+@pytest.mark.parametrize("failure", ["unreadable", "out of memory"])
+def test_a_periodic_evaluation_that_fails_saves_the_steps_first(failure):
     from types import SimpleNamespace
 
-    from pipeline.evaluate import UnreadableSplit
+    from pipeline.evaluate import EvaluationFailed, UnreadableSplit
     from pipeline.trainer import Trainer
 
+    error = (UnreadableSplit("split 'val' of /data could not be read on 1 of 8 rank(s)") if failure == "unreadable"
+             else EvaluationFailed("evaluating split 'val' of /data failed on 1 of 8 rank(s); see that rank's log"))
+
     def failing():
-        raise UnreadableSplit("split 'val' of /data could not be read on 1 of 8 rank(s)")
+        raise error
 
     for saved_step, saves in ((500, [1000]), (1000, [])):
         host = SimpleNamespace(step=1000, _saved_step=saved_step, evaluate=failing, saved=[])
         host.save = lambda host=host: host.saved.append(host.step)
-        with pytest.raises(UnreadableSplit):
+        with pytest.raises(type(error)):
             Trainer._evaluate_saving_first_on_failure(host)
         assert host.saved == saves
+
+    def interrupted():  # not an evaluation failure every rank shares: no collective save
+        raise KeyboardInterrupt
+
+    host = SimpleNamespace(step=1000, _saved_step=500, evaluate=interrupted, saved=[])
+    host.save = lambda: host.saved.append(host.step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer._evaluate_saving_first_on_failure(host)
+    assert host.saved == []

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from .conftest import ROOT, free_port, launch_train
@@ -152,6 +153,20 @@ def test_evaluate_cli_refuses_bad_input_before_loading(runs, tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             main(["--checkpoint", ckpt, *args])
         assert info.value.code == 2 and message in capsys.readouterr().err, args
+
+
+def test_evaluate_cli_exits_1_with_the_error_when_the_evaluation_fails(runs, capsys, monkeypatch):
+    from pipeline import evaluate
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(evaluate, "mdlm_nelbo", out_of_memory)
+    assert evaluate.main(["--checkpoint", str(runs["straight"] / "checkpoints"), "--max-batches", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in out_of_memory" in err  # where it was raised
+    assert "error: evaluating split 'val' of " in err and ("failed on 1 of 1 rank(s); here: OutOfMemoryError: CUDA "
+                                                            "out of memory") in err
 
 
 def test_sample_cli_writes_texts_and_stats(runs, tmp_path):
