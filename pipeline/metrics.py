@@ -42,13 +42,13 @@ def conditioning_params(model: nn.Module) -> int:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear and its subclasses (torchao's Float8Linear), and Transformer Engine's Linear,
-    which is not an nn.Linear."""
+    """nn.Linear and its subclasses (torchao's Float8Linear), and Transformer Engine's Linear and
+    its subclasses (pipeline/precision.py's CachedWeightLinear), which are not nn.Linear."""
     if isinstance(module, nn.Linear):
         return True
     weight = getattr(module, "weight", None)
-    return (type(module).__module__.startswith("transformer_engine.") and isinstance(weight, torch.Tensor)
-            and weight.ndim == 2)
+    from_te = any(cls.__module__.startswith("transformer_engine.") for cls in type(module).__mro__)
+    return from_te and isinstance(weight, torch.Tensor) and weight.ndim == 2
 
 
 def flops_per_token(n_matmul_params: int, n_layers: int, d_model: int, seq_len: int,

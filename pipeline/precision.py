@@ -45,6 +45,9 @@ class FP8Config:
         if self.recipe not in valid[self.backend]:
             raise ConfigError(f"fp8.recipe '{self.recipe}' does not apply to fp8.backend '{self.backend}'; "
                               f"choose one of {', '.join(valid[self.backend])}")
+        if self.amax_history_len < 1:
+            raise ConfigError(f"fp8.amax_history_len={self.amax_history_len}: delayed scaling keeps at least "
+                              f"the last amax; use 1 or more (default 16)")
         if not self.reduce_amax and self.recipe != "delayed":
             raise ConfigError(f"fp8.reduce_amax=false applies to the TE 'delayed' recipe only; recipe "
                               f"'{self.recipe}' scales from the current tensor: drop the setting")
@@ -64,7 +67,7 @@ def backend_available(backend: str) -> tuple[bool, str]:
 
 
 def check_fp8(fp8: FP8Config, d_model: int, mlp_ratio: int, tokens_per_micro_batch: int,
-              device: torch.device, tensor_parallel: int = 1) -> None:
+              device: torch.device, tensor_parallel: int = 1, autoregressive: bool = False) -> None:
     """Raise ConfigError naming the first precondition that fails."""
     if device.type != "cuda":
         raise ConfigError("train.precision=fp8 needs an NVIDIA GPU with compute capability >= 8.9 "
@@ -73,7 +76,7 @@ def check_fp8(fp8: FP8Config, d_model: int, mlp_ratio: int, tokens_per_micro_bat
     if cap < (8, 9):
         raise ConfigError(f"train.precision=fp8 needs compute capability >= 8.9; "
                           f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use bf16")
-    check_fp8_shapes(d_model, mlp_ratio, tokens_per_micro_batch, tensor_parallel)
+    check_fp8_shapes(d_model, mlp_ratio, tokens_per_micro_batch, tensor_parallel, autoregressive)
     ok, reason = backend_available(fp8.backend)
     if not ok:
         raise ConfigError(f"fp8.backend={fp8.backend}: {reason}")
@@ -88,21 +91,33 @@ def check_fp8(fp8: FP8Config, d_model: int, mlp_ratio: int, tokens_per_micro_bat
                               f"fp8.recipe=delayed")
 
 
-def check_fp8_shapes(d_model: int, mlp_ratio: int, tokens_per_micro_batch: int, tensor_parallel: int = 1) -> None:
-    """Every FP8 matmul operand's dimensions are multiples of 16; under tensor parallelism the
-    projections see d_model / TP and MLP width / TP on each rank."""
+def check_fp8_shapes(d_model: int, mlp_ratio: int, tokens_per_micro_batch: int, tensor_parallel: int = 1,
+                     autoregressive: bool = False) -> None:
+    """Every FP8 matmul operand's dimensions are multiples of 16 (the token count is the inner
+    dimension of the weight-gradient matmul); under tensor parallelism the projections see
+    d_model / TP and MLP width / TP on each rank. `tokens_per_micro_batch` is what the blocks see:
+    micro-batch x (seq_len - 1) for the AR model, which predicts from all tokens but the last."""
     tp = f" / parallel.tensor {tensor_parallel}" if tensor_parallel > 1 else ""
     for name, value in ((f"model.d_model{tp}", d_model / tensor_parallel),
-                        (f"MLP width{tp}", d_model * mlp_ratio / tensor_parallel),
-                        ("micro_batch_size x seq_len", tokens_per_micro_batch)):
+                        (f"MLP width{tp}", d_model * mlp_ratio / tensor_parallel)):
         if value % 16:
             raise ConfigError(f"fp8 matmuls need {name} divisible by 16 (got {value:g})")
+    if tokens_per_micro_batch % 16 and autoregressive:
+        raise ConfigError(f"fp8 matmuls need data.micro_batch_size x (seq_len - 1) divisible by 16 (got "
+                          f"{tokens_per_micro_batch}): the AR model's blocks see all positions but the last; use "
+                          f"a micro-batch that is a multiple of 16, or data prepared with one more token per sequence")
+    if tokens_per_micro_batch % 16:
+        raise ConfigError(f"fp8 matmuls need data.micro_batch_size x seq_len divisible by 16 (got "
+                          f"{tokens_per_micro_batch}): change the micro-batch or the data's seq_len")
 
 
 def fp8_linear_names(model: nn.Module, keep_first_last_block_bf16: bool = False) -> list[str]:
     """Fully qualified names of the block projections that run in FP8."""
     blocks = [n for n, _ in model.named_modules() if re.search(r"(^|\.)blocks\.\d+$", n)]
-    skip = {blocks[0], blocks[-1]} if keep_first_last_block_bf16 and len(blocks) > 2 else set()
+    if keep_first_last_block_bf16 and len(blocks) <= 2:
+        raise ConfigError(f"fp8.keep_first_last_block_bf16 with {len(blocks)} block(s) would leave no block in "
+                          f"FP8: turn it off or use train.precision=bf16")
+    skip = {blocks[0], blocks[-1]} if keep_first_last_block_bf16 else set()
     names = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in BLOCK_LINEARS:
@@ -111,8 +126,9 @@ def fp8_linear_names(model: nn.Module, keep_first_last_block_bf16: bool = False)
     return names
 
 
-def apply_fp8(model: nn.Module, fp8: FP8Config) -> list[str]:
-    """Convert the selected linears in place; returns their names."""
+def apply_fp8(model: nn.Module, fp8: FP8Config, device: torch.device | None = None) -> list[str]:
+    """Convert the selected linears in place; returns their names. TE's layers are built on
+    `device` (the training GPU; default: where the old weights are), as TE expects."""
     names = set(fp8_linear_names(model, fp8.keep_first_last_block_bf16))
     if fp8.backend == "torchao":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -126,7 +142,7 @@ def apply_fp8(model: nn.Module, fp8: FP8Config) -> list[str]:
         parent = model.get_submodule(parent_name)
         old: nn.Linear = getattr(parent, child)
         new = linear(old.in_features, old.out_features, bias=old.bias is not None,
-                     params_dtype=old.weight.dtype, device=old.weight.device)
+                     params_dtype=old.weight.dtype, device=device or old.weight.device)
         with torch.no_grad():
             new.weight.copy_(old.weight)
             if old.bias is not None:

@@ -233,8 +233,10 @@ class Trainer:
                 raise ConfigError(f"sample.judge={cfg.sample.judge}: {err}") from err
         t = cfg.train
         if t.precision == "fp8":
+            ar = cfg.model.objective == "ar"
             check_fp8(cfg.fp8, cfg.model.d_model, cfg.model.mlp_ratio,
-                      cfg.data.micro_batch_size * self.seq_len, self.device, self.tp)
+                      cfg.data.micro_batch_size * (self.seq_len - 1 if ar else self.seq_len), self.device, self.tp,
+                      autoregressive=ar)
             if cfg.fp8.backend == "torchao" and not t.compile and self.rank == 0:
                 log.warning("fp8.backend=torchao without train.compile: its scaling and casts then run as "
                             "separate kernels, which can make FP8 slower than bf16; set train.compile=true")
@@ -243,7 +245,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank (TP: shards of them)
         model = build_model(cfg.model, self._tp_layers(cfg) if self.tp > 1 else None)
         if t.precision == "fp8" and self.tp == 1:
-            converted = apply_fp8(model, cfg.fp8)
+            converted = apply_fp8(model, cfg.fp8, self.device)
             if self.rank == 0:
                 log.info("fp8 (%s, %s) on %d block linears", cfg.fp8.backend, cfg.fp8.recipe, len(converted))
         self._fp8_context = (lambda: te_autocast(cfg.fp8)) if t.precision == "fp8" else contextlib.nullcontext

@@ -27,6 +27,11 @@ def test_only_block_projections_are_selected():
     assert not any("final" in n or "adaLN" in n or "sigma_map" in n for n in names)
     kept = fp8_linear_names(tiny(), keep_first_last_block_bf16=True)
     assert len(kept) == 2 * 4 and not any(".blocks.0." in n or ".blocks.3." in n for n in kept)
+    two_blocks = build_model(model_config("mdlm-tiny", vocab_size=64, n_layers=2))
+    with pytest.raises(ConfigError, match="keep_first_last_block_bf16 with 2 block\\(s\\) would leave no block in FP8"):
+        fp8_linear_names(two_blocks, keep_first_last_block_bf16=True)
+    with pytest.raises(ConfigError, match="fp8.amax_history_len=0: .* use 1 or more"):
+        FP8Config(backend="te", amax_history_len=0)
 
 
 def test_fp8_on_a_cpu_box_fails_fast_and_says_why():
@@ -34,8 +39,25 @@ def test_fp8_on_a_cpu_box_fails_fast_and_says_why():
         check_fp8(FP8Config(), 128, 4, 4096, torch.device("cpu"))
 
 
+def test_fp8_checks_the_gpu_and_the_backend_before_any_work(monkeypatch):
+    from pipeline import precision
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match="compute capability >= 8.9; NVIDIA A100-SXM4-80GB has 8.0: use bf16"):
+        check_fp8(FP8Config(), 128, 4, 4096, gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8(FP8Config(), 128, 4, 4096, gpu)  # torchao is installed here
+    monkeypatch.setattr(precision, "backend_available", lambda backend: (False, "te is not importable (ImportError)"))
+    with pytest.raises(ConfigError, match=r"fp8.backend=te: te is not importable \(ImportError\)"):
+        check_fp8(FP8Config(backend="te"), 128, 4, 4096, gpu)
+    with pytest.raises(ConfigError, match="micro_batch_size x \\(seq_len - 1\\) divisible by 16 \\(got 8184\\): the AR "):
+        check_fp8(FP8Config(), 128, 4, 8 * 1023, gpu, autoregressive=True)
+
+
 @pytest.mark.parametrize("d_model, tokens, tp, name", [
-    (120, 4096, 1, "model.d_model"), (128, 4100, 1, "micro_batch_size x seq_len"),
+    (120, 4096, 1, "model.d_model"), (128, 4100, 1, "data.micro_batch_size x seq_len"),
     # each tensor-parallel rank multiplies by its shard: 1200 / 2 = 600 is no multiple of 16
     (1200, 4096, 2, "model.d_model / parallel.tensor 2")])
 def test_shapes_must_be_multiples_of_16(d_model, tokens, tp, name):
@@ -129,13 +151,18 @@ def _fake_te(monkeypatch, with_autocast: bool) -> list:
     calls = []
     te = types.ModuleType("transformer_engine.pytorch")
 
-    class Linear(torch.nn.Linear):  # te.Linear's constructor and forward signature
+    class Linear(torch.nn.Module):  # as te.Linear: not an nn.Linear; its constructor and forward signature
         def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
-            super().__init__(in_features, out_features, bias=bias, device=device, dtype=params_dtype)
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=params_dtype))
+            self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=params_dtype)) if bias else None
 
         def forward(self, inp, is_first_microbatch=None):
             calls.append(("Linear.forward", is_first_microbatch))
-            return super().forward(inp)
+            return torch.nn.functional.linear(inp, self.weight, self.bias)
+
+    Linear.__module__ = "transformer_engine.pytorch.module.linear"
 
     te.Linear = Linear
     if with_autocast:
@@ -179,6 +206,19 @@ def test_a_resume_loads_strictly_only_between_equal_te_layouts():
     # the first and last block switch between te.Linear and nn.Linear: their _extra_state keys come and go
     assert te_linear_layout(config("fp8", "te", keep=True)) != te_linear_layout(config("fp8", "te"))
     assert te_linear_layout({}) == (False, False)  # checkpoints from before these settings
+
+
+def test_te_linears_keep_their_matmul_flops(monkeypatch):
+    """TE's Linear is no nn.Linear, nor is the subclass apply_fp8 installs: MFU still counts them."""
+    from pipeline import metrics
+    from pipeline.precision import apply_fp8
+
+    _fake_te(monkeypatch, with_autocast=True)
+    model = tiny()
+    expected = metrics.matmul_params(model)
+    names = apply_fp8(model, FP8Config(backend="te"))
+    assert not any(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n in names)
+    assert metrics.matmul_params(model) == expected
 
 
 def test_te_linears_copy_the_weights_and_cache_fp8_weights_only_within_a_step(monkeypatch):
