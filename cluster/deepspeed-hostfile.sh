@@ -28,7 +28,8 @@
 # shared filesystem). DeepSpeed forwards only some variables over pdsh (MLFLOW*, PYTHON*,
 # NCCL* ...); this script writes the rest that training needs (TORCH_EXTENSIONS_DIR,
 # GLOO_SOCKET_IFNAME, OMP_NUM_THREADS, MDLM_FORWARD_ENV ...) to an environment file that
-# DeepSpeed reads (DS_ENV_FILE). In no-ssh mode each node's launcher uses its own environment.
+# DeepSpeed reads (DS_ENV_FILE). In no-ssh mode each node's launcher uses its own environment, and
+# SIGTERM or SIGINT to it goes to its ranks, which write a checkpoint and exit (a container's stop).
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -69,7 +70,9 @@ if [[ -n $node_rank ]] && ! [[ $node_rank =~ ^[0-9]+$ && $node_rank -lt ${#host_
     die "--node-rank must be 0..$((${#host_list[@]} - 1)), not '$node_rank'"
 fi
 master_addr=${master_addr:-${host_list[0]}}
-hostfile=${hostfile:-$log_dir/hostfile}
+# absolute: the launcher runs from the checkout, not from where this was called
+log_dir=$(realpath -m -- "$log_dir")
+hostfile=$(realpath -m -- "${hostfile:-$log_dir/hostfile}")
 
 python=${MDLM_PYTHON:-}
 if [[ -z $python ]]; then
@@ -78,7 +81,7 @@ fi
 
 mkdir -p "$log_dir" "$(dirname "$hostfile")"
 # DeepSpeed's hostfile: one "<host> slots=<accelerators>" line per node, in rank order.
-tmp=$hostfile.tmp.$$
+tmp=$(mktemp "$hostfile.XXXXXX")  # unique per node: every container's launcher may be PID 1
 for h in "${host_list[@]}"; do
     echo "$h slots=$gpus"
 done > "$tmp"
@@ -115,4 +118,18 @@ if [[ $dry_run -eq 1 ]]; then
     exit 0
 fi
 cd "$repo"
-exec "${cmd[@]}"
+if [[ -z $node_rank ]]; then
+    exec "${cmd[@]}"  # DeepSpeed's runner passes stop signals on over pdsh itself
+fi
+# No ssh: DeepSpeed's runner passes no stop signal on in this mode (as a container's PID 1 it
+# would not even end), and its launch.py kills the ranks 30 s after one. A stop signal here goes
+# to the ranks themselves (its grandchildren), which checkpoint and exit; the launchers follow.
+"${cmd[@]}" &
+runner=$!
+trap 'bash "$repo/cluster/stop-ranks.sh" "$runner" 2 &' TERM INT
+while kill -0 "$runner" 2>/dev/null; do
+    wait "$runner" || true  # returns early when a trapped signal arrives
+done
+rc=0
+wait "$runner" || rc=$?
+exit "$rc"

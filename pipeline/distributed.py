@@ -16,10 +16,12 @@ class DistInfo:
 
 
 def _env_from_slurm() -> None:
-    """One task per rank under srun: map SLURM's variables to the torch ones."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+    """One task per rank of an srun step: map SLURM's variables to the torch ones. A batch
+    script's own shell also has SLURM_PROCID=0 and SLURM_NTASKS (the job's), but no step: a
+    process started there is one process and must not wait for ranks that never start."""
+    if "RANK" not in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 

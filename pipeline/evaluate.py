@@ -210,11 +210,7 @@ def _launched_ranks(device_arg: str):
     from .distributed import _env_from_slurm, init_distributed
     from .inference import resolve_device
 
-    if "RANK" not in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
-        # one rank per task of an srun step; a batch script's own process (SLURM_NTASKS set, no
-        # step) is a single process and must not wait for ranks that never start
-        _env_from_slurm()
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
+    _env_from_slurm()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, resolve_device(device_arg)
     if device_arg != "auto":

@@ -103,7 +103,7 @@ def run_fake_sbatch(tmp_path: Path, data: Path, send: int | None = None, srun_rc
         PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
         FAKE_SRUN_WAIT="1" if send else "0", FAKE_SRUN_RC=str(srun_rc), FAKE_SRUN_FINISH="1" if finish else "0",
         SLURM_JOB_ID="4242", SLURM_JOB_NAME="mdlm-train", SLURM_JOB_NODELIST="gpu-a[01-02]",
-        SLURM_SUBMIT_DIR=str(REPO), SLURM_NTASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="12", SLURM_GPUS_ON_NODE="8",
+        SLURM_SUBMIT_DIR=str(REPO), SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="12", SLURM_GPUS_ON_NODE="8",
         MDLM_LOG_DIR=str(tmp_path / "logs"), MDLM_DATA=str(data), MDLM_RUN_DIR=str(tmp_path / "run"),
         MDLM_ARGS=mdlm_args, MDLM_PYTHON=sys.executable,
         RANK="5", WORLD_SIZE="9")  # stale launcher variables of the submitting shell
@@ -150,8 +150,8 @@ def test_train_sbatch_builds_a_valid_command_and_environment(tmp_path, cluster_m
     # 16 nodes x 8 ranks x micro-batch 4 = the config's global batch of 512
     assert cfg.train.global_batch_size % (cfg.data.micro_batch_size * 16 * 8) == 0
     env = dict(line.split("=", 1) for line in (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
-    assert env["MASTER_ADDR"] == "gpu-a01" and env["MASTER_PORT"] == str(20000 + 4242 % 20000)
-    assert "RANK" not in env and "WORLD_SIZE" not in env  # ranks come from SLURM_PROCID/SLURM_NTASKS
+    assert env["MASTER_ADDR"] == "gpu-a01" and env["MASTER_PORT"] == str(20000 + 4242 % 12000)
+    assert "RANK" not in env and "WORLD_SIZE" not in env  # ranks come from SLURM_PROCID/SLURM_STEP_NUM_TASKS
     assert env["OMP_NUM_THREADS"] == "12" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
@@ -197,6 +197,11 @@ def test_train_sbatch_passes_a_failure_on(tmp_path, cluster_markov_data):
 def test_train_sbatch_stops_on_a_bad_config_before_starting_ranks(tmp_path, cluster_markov_data):
     rc, out = run_fake_sbatch(tmp_path, cluster_markov_data, mdlm_args="train.no_such_key=1")
     assert rc == 2 and "no_such_key" in out, out
+    assert not (tmp_path / "srun.started").exists()
+    # small-owt.yaml's micro-batch of 64 on the job's 16 ranks overshoots its global batch of 512
+    rc, out = run_fake_sbatch(tmp_path, cluster_markov_data, mdlm_args="")
+    assert rc == 2 and ("error: with 16 ranks: train.global_batch_size=512 is not a multiple of "
+                        "data.micro_batch_size x world size = 1024") in out, out
     assert not (tmp_path / "srun.started").exists()
 
 

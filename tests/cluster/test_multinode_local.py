@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -181,3 +182,29 @@ def test_prestop_hook_has_the_ranks_checkpoint_without_torchrun_being_signalled(
     step = latest_step(run_dir)
     assert step is not None and step >= 5 and f"checkpoint saved: {run_dir / 'checkpoints'}/step{step:08d}" in out
     assert not (run_dir / "final_eval.json").exists()
+
+
+def test_hostfile_launcher_without_ssh_passes_sigterm_to_the_ranks(cluster_markov_data, tmp_path):
+    """A container's stop: SIGTERM to cluster/deepspeed-hostfile.sh in no-ssh mode reaches the ranks
+    (DeepSpeed's runner passes none on in this mode, and its launch.py would kill them 30 s after
+    one); they checkpoint and exit 0, and the launcher exits 0 with nothing left running."""
+    run_dir, log = tmp_path / "run", tmp_path / "node.log"
+    args = train_args(cluster_markov_data, run_dir)
+    args[args.index("train.max_steps=80")] = "train.max_steps=100000"
+    env = clean_env(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    node = start_node(["bash", str(CLUSTER / "deepspeed-hostfile.sh"), "--hosts", "localhost", "--gpus-per-node",
+                       "2", "--master-addr", "127.0.0.1", "--master-port", str(free_ports()[0]), "--node-rank",
+                       "0", "--log-dir", "logs-rel", "--", *args], env, log, cwd=tmp_path)
+    try:
+        wait_for(lambda: "step 5/100000" in tail(log, 100_000), timeout=300, what="training steps", procs=[node])
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=240) == 0, tail(log)
+        assert pids_mentioning(str(run_dir)) == []
+    finally:
+        kill_node(node)
+    out = tail(log, 200_000)
+    assert "stop-ranks: every rank has exited" in out and "stop signal received: saving a checkpoint" in out, out[-3000:]
+    step = latest_step(run_dir)
+    assert step is not None and step >= 5 and (run_dir / "checkpoints" / f"step{step:08d}" / "COMPLETE").is_file()
+    # a relative --log-dir is where it was called from, not in the checkout the launcher runs in
+    assert (tmp_path / "logs-rel" / "hostfile").read_text() == "localhost slots=2\n"
