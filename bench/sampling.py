@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, mode in ar_kinds:
         def run_ar(mode=mode):
             return generate(ar.model, num, length, sampler=mode, bos_id=bos, top_p=args.top_p,
-                            generator=torch.Generator().manual_seed(args.seed), device=args.device)
+                            generator=torch.Generator().manual_seed(args.seed), device=args.device,
+                            banned_ids=(int(manifest["mask_token_id"]),))  # as pipeline/sample.py
         result, wall = _timed(run_ar, args.repeats, args.device)
         record("ar", name, 0, result, wall)
     if not args.no_reference:

@@ -103,7 +103,9 @@ class MDLM(nn.Module):
         at the positions selected by the boolean (B, L) `positions` (row-major order) or by the flat
         `index`. A DiT runs its output head on those positions only; any other backbone runs in
         full and is indexed."""
-        sigma = self.schedule.sigma(t) if t is not None and self.cfg.time_conditioning else None
+        if t is None and self.cfg.time_conditioning:
+            raise ValueError("this model is time-conditioned (model.time_conditioning): pass the time t of z_t")
+        sigma = self.schedule.sigma(t) if self.cfg.time_conditioning else None
         if positions is not None:
             index = positions.reshape(-1).nonzero().squeeze(1)
         if index is None:

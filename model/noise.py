@@ -108,9 +108,17 @@ def stratified_times(n: int, eps: float, generator: torch.Generator | None = Non
     """Stratified times for a whole global batch: t_i = eps + (1 - eps) * (i + u) / n, one shared u.
 
     Entry i lies in the i-th of n equal strata of [eps, 1], so any split of the global batch into
-    consecutive slices (rank, accumulation step) takes disjoint strata that together cover [eps, 1]."""
+    disjoint rows (rank, accumulation step: step_rows) takes disjoint strata that together cover [eps, 1]."""
     if n < 1:
         raise ValueError(f"need at least one time, got n={n}")
     u = torch.rand((), generator=generator, dtype=torch.float64)
     t = (torch.arange(n, dtype=torch.float64) + u) / n
     return (eps + (1.0 - eps) * t).to(device=device, dtype=torch.float32)
+
+
+def step_rows(micro: int, micro_batch: int, dp_world: int, dp_rank: int) -> torch.Tensor:
+    """Rows of a step's global noise (stratified_times, and the per-token draws) that one micro-
+    batch of one data-parallel rank takes: its local sample k is global sample k * W + rank, as the
+    data stream's split_by=sample order has it. Over every rank and micro-batch they cover each
+    row once, and every micro-batch spreads over the strata instead of taking a contiguous run."""
+    return torch.arange(micro * micro_batch, (micro + 1) * micro_batch) * dp_world + dp_rank

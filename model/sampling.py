@@ -103,6 +103,9 @@ def nucleus(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out.log_softmax(dim=-1)
 
 
+IMPOSSIBLE_LOG_PROB = -1e4  # exp() of it is 0 in float64
+
+
 @dataclass(frozen=True)
 class Decoding:
     """How tokens are drawn from the model's distribution: temperature (p^(1/T), renormalised),
@@ -112,7 +115,11 @@ class Decoding:
 
     def log_probs(self, log_probs: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:
-            log_probs = (log_probs.double() / self.temperature).log_softmax(dim=-1)
+            # a probability that is 0 in any float (the [MASK] token's NEG_INF logit) stays 0 at any
+            # temperature: -1e6 / 1e6 would otherwise make it a likely token
+            impossible = log_probs < IMPOSSIBLE_LOG_PROB
+            log_probs = (log_probs.double() / self.temperature).masked_fill(impossible, float("-inf"))
+            log_probs = log_probs.log_softmax(dim=-1)
         return nucleus(log_probs, self.top_p)
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from model.config import ModelConfig
 from model.dit import count_parameters
 from model.mdlm import MDLM, build_model
-from model.noise import stratified_times
+from model.noise import step_rows, stratified_times
 from model.tensor_parallel import strip_extra_state
 
 from . import metrics
@@ -524,9 +524,7 @@ class Trainer:
             if self._keys_file is not None:
                 self._keys_file.write("".join(f"{self.step + 1}\t{k}\n" for k in keys))
                 self._keys_file.flush()
-            # local sample k of this step is global sample k * W + rank (exact with split_by=sample),
-            # W and rank being data-parallel
-            rows = (torch.arange(micro * mb, (micro + 1) * mb) * self.dp_world + self.dp_rank)
+            rows = step_rows(micro, mb, self.dp_world, self.dp_rank)
             if micro == 0:
                 for module in self._te_weight_caches:
                     module.is_first_microbatch = True

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.likelihood import antithetic_times
-from model.noise import SCHEDULES, make_schedule, stratified_times
+from model.noise import SCHEDULES, make_schedule, step_rows, stratified_times
 
 EPS = 1e-3
 T = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
@@ -106,17 +106,18 @@ def test_stratified_times_are_uniform_and_seeded():
 
 
 @pytest.mark.parametrize("world,accum,micro", [(1, 1, 16), (2, 4, 4), (4, 2, 2), (8, 1, 1)])
-def test_slicing_by_rank_and_accumulation_covers_the_strata(world, accum, micro):
+def test_the_trainers_rows_by_rank_and_accumulation_cover_the_strata(world, accum, micro):
     n = world * accum * micro
     t = stratified_times(n, EPS, torch.Generator().manual_seed(11))
     seen = []
     for step in range(accum):
         for rank in range(world):
-            start = (step * world + rank) * micro  # the trainer's slice
-            piece = _strata(t[start:start + micro], n)
-            assert torch.equal(piece, torch.arange(start, start + micro))
-            seen.append(piece)
+            rows = step_rows(step, micro, world, rank)  # what Trainer.train_step takes
+            assert torch.equal(_strata(t[rows], n), rows)
+            seen.append(rows)
     assert torch.equal(torch.cat(seen).sort().values, torch.arange(n))
+    if world > 1 and micro > 1:  # a micro-batch spreads over the strata, W apart
+        assert torch.equal(step_rows(0, micro, world, 0), torch.arange(micro) * world)
 
 
 def test_per_sequence_antithetic_times_cover_their_strata():

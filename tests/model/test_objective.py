@@ -212,3 +212,13 @@ def test_a_batch_with_nothing_masked_has_zero_loss_and_finite_gradients():
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+
+def test_a_time_conditioned_model_refuses_to_run_without_its_time():
+    """Without t it would silently run as if at t = 0 (no noise at all)."""
+    model = tiny_model(time_conditioning=True)
+    z = torch.full((2, 8), model.mask_id)
+    with pytest.raises(ValueError, match="time-conditioned .* pass the time t of z_t"):
+        model.log_probs(z)
+    assert model.log_probs(z, torch.full((2,), 0.5)).shape == (2, 8, 12)
+    assert tiny_model().log_probs(z).shape == (2, 8, 12)  # an unconditioned model needs no t

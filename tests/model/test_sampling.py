@@ -150,6 +150,11 @@ def test_temperature_sharpens_before_the_nucleus():
     assert len(set(cold.tokens[:, 3].tolist())) < len(set(warm.tokens[:, 3].tolist()))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         generate(model, 1, 8, steps=4, temperature=0.0)
+    # the [MASK] token's probability is 0 at any temperature, not only where -1e6 / T is still small
+    hot = generate(model, 64, 16, steps=8, generator=gen(), temperature=1e7)
+    assert not (hot.tokens == model.mask_id).any()
+    hot_lp = sampling.Decoding(temperature=1e7).log_probs(torch.tensor([[0.0, -1e6, 0.0]]).log_softmax(-1))
+    assert hot_lp[0, 1] == float("-inf") and torch.allclose(hot_lp[0, [0, 2]].exp(), torch.tensor(0.5, dtype=torch.float64))
 
 
 def chain_source(length: int) -> MarkovChain:
