@@ -93,6 +93,15 @@ def prepare_out_dir(cfg: DataPrepConfig, out: Path) -> None:
     elif any((out / s).is_dir() and any((out / s).iterdir()) for s in mf.SPLITS) and not cfg.overwrite:
         raise JobFailed(f"output folder '{out}' already holds train/ or val/ data of unknown origin; "
                         "choose another --out or pass --overwrite")
+    produced = any((out / s).is_dir() and any((out / s).iterdir()) for s in mf.SPLITS) or \
+        any((out / "_work" / "groups").glob("*.json"))
+    if previous is not None and previous != job and not man_path.is_file() and not produced:
+        # a start that failed before any group was written (a wrong --tokenizer or --text-field):
+        # nothing of it is worth keeping, so the corrected command is not refused
+        log(f"output folder '{out}' holds only the start of another job, which wrote no data: replacing it")
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+        shutil.rmtree(out / "_work", ignore_errors=True)
+        previous = None
     if previous is not None and previous != job:
         if not cfg.overwrite:
             diff = sorted(k for k in set(job) | set(previous if isinstance(previous, dict) else {})
@@ -105,6 +114,9 @@ def prepare_out_dir(cfg: DataPrepConfig, out: Path) -> None:
         for name in (mf.MANIFEST_NAME, "errors.jsonl"):
             (out / name).unlink(missing_ok=True)
     mf.atomic_write_text(job_path, json.dumps(job, indent=2, sort_keys=True))
+    # the folder is finished again only when this run writes its manifest: until then an old
+    # manifest would vouch for a tokenizer and shards that this run is replacing
+    man_path.unlink(missing_ok=True)
 
 
 def _training_texts(cfg: DataPrepConfig, units: list[dict], bad: BadRecords, counter: dict):
@@ -265,7 +277,7 @@ def _connect_ray(cfg: DataPrepConfig):
             log(f"connecting to the Ray cluster at {os.environ['RAY_ADDRESS']}")
             ray.init(log_to_driver=True)
         else:
-            n = cfg.num_workers or os.cpu_count() or 1
+            n = cfg.num_workers or None  # None: Ray counts the CPUs, within container and affinity limits
             pkg_root = str(Path(__file__).resolve().parents[1])
             pypath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
             ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=True,
@@ -302,7 +314,7 @@ def run_job(cfg: DataPrepConfig) -> dict:
     t_start = time.time()
     check_cluster_paths(cfg)
     out = Path(cfg.out).expanduser().resolve()
-    files = discover(cfg.input)
+    files = discover(cfg.input, exclude=out)
     groups, group_bytes = plan_groups(cfg, files)
     total_bytes = sum(f.size for f in files)
     log(f"{len(files)} input files ({total_bytes / 1e6:.1f} MB) in {len(groups)} groups of ~"
@@ -348,6 +360,13 @@ def run_job(cfg: DataPrepConfig) -> dict:
         kept += rec.get("kept_shards", 0)
     good = sum(splits[s]["documents"] for s in mf.SPLITS)
     write_errors(out, bad)
+    if good == 0:
+        raise JobFailed(f"no document of the input could be used ({sum(bad.counts.values())} skipped: "
+                        f"{', '.join(f'{r}={n}' for r, n in sorted(bad.counts.items())) or 'the input is empty'}); "
+                        f"see {out / 'errors.jsonl'}")
+    if sum(splits[s]["samples"] for s in mf.SPLITS) == 0:
+        raise JobFailed(f"{good} document(s) gave {tokens_in} tokens, fewer than one sequence of seq_len "
+                        f"{cfg.seq_len} per group: lower --seq-len or add text")
     check_lost_inputs(cfg, bad, "after processing")
     check_bad_fraction(cfg, bad.counts, good + bad.counts.get("duplicate", 0), "after processing")
     check_shards_present(out, records)

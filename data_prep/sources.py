@@ -81,8 +81,11 @@ def _hf_dataset_files(folder: Path) -> list[Path] | None:
     return None
 
 
-def discover(inputs: list[str]) -> list[InputFile]:
-    """Expand inputs (files/folders) into a sorted, de-duplicated file list; fail early on problems."""
+def discover(inputs: list[str], exclude: Path | None = None) -> list[InputFile]:
+    """Expand inputs (files/folders) into a sorted, de-duplicated file list; fail early on problems.
+    Paths are made absolute: a Ray worker may run in another directory. `exclude` (the output
+    folder, when it lies inside an input folder) is not read: its errors.jsonl is no input."""
+    excluded = exclude.resolve() if exclude is not None else None
     files: list[InputFile] = []
     seen_ids: dict[str, str] = {}
     for raw in inputs:
@@ -99,7 +102,8 @@ def discover(inputs: list[str]) -> list[InputFile]:
         elif p.is_dir():
             base = p.resolve().name or "input"
             for root, dirs, names in os.walk(p, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                                 and (Path(root) / d).resolve() != excluded)
                 hf = _hf_dataset_files(Path(root))
                 if hf is not None:  # a saved HF dataset: its Arrow files, nothing else below it
                     dirs[:] = []
@@ -133,7 +137,7 @@ def discover(inputs: list[str]) -> list[InputFile]:
                     "rename one or pass their common parent folder")
             seen_ids[fid] = str(fp)
             kind = "arrow" if fp.suffix == ".arrow" else file_kind(fp.name)
-            files.append(InputFile(str(fp), fid, kind, fp.stat().st_size))
+            files.append(InputFile(str(fp.absolute()), fid, kind, fp.stat().st_size))
     return files
 
 
@@ -422,6 +426,8 @@ def _iter_jsonl(path: str, file_id: str, cfg: dict, bad: BadRecords,
                 except UnicodeDecodeError as err:
                     bad.add("invalid_utf8", where, f"byte {err.start}: {err.reason}")
                     continue
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a byte-order mark (Windows editors) is no JSON
                 try:
                     rec = json.loads(line)
                 except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting

@@ -108,6 +108,51 @@ def test_wrong_text_field_hints_at_the_flag(messy_corpus, tmp_path, ray_session)
              "--text-field", "content"])
 
 
+def test_a_failed_start_does_not_lock_the_output_folder(messy_corpus, tmp_path, ray_session):
+    """The corrected command after a wrong --text-field runs without --overwrite: that start wrote
+    no data; a folder another job wrote data into is still refused."""
+    out = tmp_path / "o"
+    args = ["--input", messy_corpus / "c.jsonl.zst", "--out", out, "--tokenizer", "train:300", "--seq-len", 32]
+    with pytest.raises(JobFailed, match="is --text-field right"):
+        run([*args, "--text-field", "content"])
+    man = run(args)
+    assert man["splits"]["train"]["samples"] > 0 and verify_dir(out)[0] == []
+    with pytest.raises(JobFailed, match=r"holds a different job \(differs in: seq_len\)"):
+        run([*args[:-1], 64])
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path, ray_session):
+    d = tmp_path / "bom"
+    d.mkdir()
+    docs = make_docs(4, seed=2)
+    (d / "x.jsonl").write_bytes("\ufeff".encode() + "".join(json.dumps({"text": t}) + "\n" for t in docs).encode())
+    man = run(["--input", d, "--out", tmp_path / "o", "--tokenizer", "train:300", "--seq-len", 32,
+               "--val-fraction", 0])
+    assert man["skipped"] == {} and man["splits"]["train"]["documents"] == 4
+
+
+def test_an_input_with_no_usable_document_fails(tmp_path, ray_session):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "x.jsonl").write_text(json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(JobFailed, match=r"no document of the input could be used \(1 skipped: missing_field=1\)"):
+        run(["--input", d, "--out", tmp_path / "o", "--tokenizer", "train:300",
+             "--seq-len", 32, "--max-bad-fraction", 1])
+
+
+def test_the_output_folder_inside_an_input_folder_is_not_read(messy_corpus, tmp_path, ray_session):
+    import shutil
+
+    d = tmp_path / "in"
+    shutil.copytree(messy_corpus, d)
+    args = ["--input", d, "--out", d / "shards", "--tokenizer", "train:300", "--seq-len", 32,
+            "--max-doc-chars", 4000, "--max-lost-inputs", 2, "--max-bad-fraction", 1]
+    first = run(args)
+    assert (d / "shards" / "errors.jsonl").read_text().strip()  # a .jsonl inside the input folder
+    second = run([*args, "--overwrite"])
+    assert second["skipped"] == first["skipped"] and second["splits"] == first["splits"]
+
+
 def test_dedup_drops_exact_duplicates(tmp_path, ray_session):
     d = tmp_path / "dups"
     d.mkdir()

@@ -54,3 +54,39 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, ray_session, capsys)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-*.tar")}
     assert all(after[name] == t for name, t in before.items())  # completed shards were kept as they were
     assert len(man["splits"]["train"]["shards"]) > len(before)
+
+
+def test_a_rerun_over_a_finished_folder_is_unfinished_until_it_ends(tmp_path, ray_session):
+    """A finished job rerun after its inputs changed, and killed mid-way: the old manifest must not
+    stay behind vouching for the tokenizer and shards being replaced."""
+    corpus = write_txt_corpus(tmp_path / "corpus", make_docs(300, seed=3, lo=100, hi=300))
+    out = tmp_path / "out"
+    run(["--input", corpus, "--out", out, *ARGS])
+    (corpus / "doc0000.txt").write_text(make_docs(1, seed=99, lo=200, hi=201)[0])
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--input", str(corpus), "--out", str(out),
+                             "--num-workers", "1", *ARGS], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = out / "_work" / "groups" / "000002.json"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1].decode()
+    assert target.exists(), err[-2000:]
+    assert not (out / "manifest.json").exists()
+    problems = verify_dir(out)[0]
+    assert problems and "manifest.json" in problems[0], problems[:3]
+    man = run(["--input", corpus, "--out", out, *ARGS])  # the rerun finishes it
+    assert verify_dir(out)[0] == [] and man["groups"] > 3
+
+
+def test_relative_inputs_are_read_from_any_working_directory(tmp_path, monkeypatch):
+    """A Ray worker of a joined cluster does not run in the driver's directory."""
+    from data_prep.sources import discover
+
+    write_txt_corpus(tmp_path / "corpus", make_docs(3, seed=1))
+    monkeypatch.chdir(tmp_path)
+    files = discover(["corpus"])
+    assert [f.path for f in files] == [str(tmp_path / "corpus" / f"doc{i:04d}.txt") for i in range(3)]
+    assert [f.file_id for f in files] == [f"corpus/doc{i:04d}.txt" for i in range(3)]  # ids unchanged
