@@ -234,6 +234,8 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.rank = rank
         self.device = device
+        self.loaded: Path | None = None  # the step directory the last load() took
+        self.loaded_from_own_folder = True  # False: another run's checkpoint started this run
 
     def save(self, engine, step: int, client_state: dict, attach: dict[str, Path] | None = None) -> Path:
         """`attach`: name -> file or folder copied into the checkpoint by rank 0 (the data's
@@ -346,7 +348,9 @@ class CheckpointManager:
         """Load `which` ('auto' = newest complete, or a tag / path); returns the client state.
         `check(tag_dir)` runs first and may refuse the checkpoint (it raises); it returns whether
         the weights must match the model key for key (False lets FP8 scaling state differ)."""
-        configured_root = self.root
+        # where to load from; saves, pruning and `latest` stay under self.root (this run's folder)
+        src = self.root
+        self.loaded, self.loaded_from_own_folder = None, True
         if which == "auto":
             candidates = self._newest_first()
             if not candidates:
@@ -361,32 +365,33 @@ class CheckpointManager:
                 tags = complete_tags(root)
                 raise ConfigError(f"--resume {which}: no complete checkpoint of that name in {root} (complete: "
                                   f"{', '.join(tags[-5:]) or 'none'}); pass one of them, a step directory, or auto")
-            self.root, candidates = root, [tag]
+            src, candidates = root, [tag]
         for i, tag in enumerate(candidates):
             # files are checked before any rank starts DeepSpeed's load: under ZeRO-3 that load
             # ends in collectives, which a rank that failed half-way would never join
-            damaged = damaged_files(self.root / tag)
+            damaged = damaged_files(src / tag)
             if not all_ranks_agree(not damaged, self.device):
-                log.warning("checkpoint %s could not be loaded (%s)", self.root / tag,
+                log.warning("checkpoint %s could not be loaded (%s)", src / tag,
                             f"missing or damaged: {', '.join(damaged)}" if damaged
                             else "a file is missing or damaged on another rank")
                 if which != "auto":
-                    raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
+                    raise RuntimeError(f"checkpoint {src / tag} could not be loaded")
                 continue
-            strict = check(self.root / tag) if check is not None else True
+            strict = check(src / tag) if check is not None else True
             try:
-                load_path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=strict)
+                load_path, client_state = engine.load_checkpoint(str(src), tag=tag, load_module_strict=strict)
             except Exception as err:
                 load_path, client_state = None, None
-                log.warning("checkpoint %s could not be loaded on rank %d (%s)", self.root / tag, self.rank, err)
+                log.warning("checkpoint %s could not be loaded on rank %d (%s)", src / tag, self.rank, err)
             # every rank resumes from the same step: one rank's unreadable file sends all to the next
             if all_ranks_agree(load_path is not None, self.device):
                 if i > 0 and self.rank == 0:
                     log.warning("resumed from %s: newer checkpoints were unreadable", tag)
-                if self.rank == 0 and self.root == configured_root:
+                self.loaded, self.loaded_from_own_folder = src / tag, src.resolve() == self.root.resolve()
+                if self.rank == 0 and self.loaded_from_own_folder:
                     self._abandon_newer(tag)
                 _barrier()
                 return client_state
             if which != "auto":
-                raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
-        raise RuntimeError(f"no loadable checkpoint under {self.root}")
+                raise RuntimeError(f"checkpoint {src / tag} could not be loaded")
+        raise RuntimeError(f"no loadable checkpoint under {src}")

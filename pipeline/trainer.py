@@ -75,7 +75,32 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+
+
+def apply_optim_config(scheduler, cfg: RunConfig, log_changes: bool = False) -> None:
+    """After a resume: the optimizer state brings back the hyperparameters it was saved with, and
+    the LR schedule its base learning rate. The config's own (optim.lr, weight_decay, betas, eps)
+    apply from here on, at the restored position of the schedule; an unchanged config changes
+    nothing. Which groups decay: param_groups marks them (checkpoints from before the mark: the
+    first group, as param_groups orders them)."""
+    o = cfg.optim
+    changed = set()
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        want = {"initial_lr": o.lr, "betas": tuple(o.betas), "eps": o.eps,
+                "weight_decay": o.weight_decay if group.get("decay", i == 0) else 0.0}
+        for key, value in want.items():
+            if key in group and (tuple(group[key]) if key == "betas" else group[key]) != value:
+                changed.add(f"optim.{'lr' if key == 'initial_lr' else key}")
+                group[key] = value
+        if scheduler.base_lrs[i] != o.lr:
+            changed.add("optim.lr")
+            scheduler.base_lrs[i] = o.lr
+            group["lr"] = o.lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() tells
+    if changed and log_changes:
+        log.info("resumed with %s from the config (the checkpoint's optimizer had others)", ", ".join(sorted(changed)))
 
 
 def offload_device(zero: dict, key: str) -> str | None:
@@ -289,8 +314,13 @@ class Trainer:
         self.mlflow_run_id: str | None = None
         self.mlflow_run_token: str | None = None  # tags the MLflow run: found even if it opened after a save
         self._saved_step: int | None = None  # the step of the newest checkpoint this run holds
+        self._parent_mlflow_run_id: str | None = None  # the run whose checkpoint started this one
+        self._resume_changes: list[str] = []
         if resume:
-            self._restore(self.checkpoints.load(self.engine, resume, check=self._check_resumable))
+            state = self.checkpoints.load(self.engine, resume, check=self._check_resumable)
+            self._restore(state, own_run=self.checkpoints.loaded_from_own_folder)
+            if state:
+                apply_optim_config(self.scheduler, cfg, log_changes=self.rank == 0)
         if self.rank == 0:  # the resolved config of this start, with or without MLflow
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.run_dir / "config.yaml.tmp"
@@ -380,6 +410,16 @@ class Trainer:
                             "derived.grad_accum": self.grad_accum, "derived.seq_len": self.seq_len}, new_run_only=True)
         tracker.log_artifact(self.run_dir / "config.yaml", new_run_only=True)
         tracker.log_artifact(Path(self.cfg.data.path) / "manifest.json", new_run_only=True)
+        if self.step:  # a resume: MLflow keeps the params of the run's first start, so the config of
+            # this one goes beside them, with what changed (metrics from the checkpoint's step on
+            # are logged again: MLflow keeps both values of a step that ran twice)
+            tracker.log_artifact(self.run_dir / "config.yaml", artifact_path=f"resumes/step{self.step:08d}")
+            tags = {"mdlm.resumed_at_step": self.step}
+            if self._resume_changes:
+                tags[f"mdlm.resume.step{self.step:08d}.changed"] = "; ".join(self._resume_changes)[:4000]
+            if self._parent_mlflow_run_id:
+                tags["mdlm.parent_run_id"] = self._parent_mlflow_run_id
+            tracker.set_tags(tags)
         self.mlflow_run_id = tracker.run_id or self.mlflow_run_id
         self.mlflow_run_token = tracker.run_token
         return tracker
@@ -403,6 +443,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
+            "bad_steps": self.bad_steps,  # non-finite steps in a row: the abort counts across a resume
             "world_size": self.world,
             "per_rank": per_rank,
             "ema": self.ema.state_dict() if self.ema else None,
@@ -432,18 +473,28 @@ class Trainer:
         if fixed:
             raise ConfigError(f"checkpoint {tag_dir} cannot be resumed with this config: "
                               f"{'; '.join(fixed)}. Resume with the checkpoint's settings, or start a new run_dir")
+        self._resume_changes = changed
         if changed and self.rank == 0:
             log.warning("resuming %s with settings that differ from the checkpoint's: %s", tag_dir, "; ".join(changed))
         return te_linear_layout(saved) == te_linear_layout(to_dict(self.cfg))
 
-    def _restore(self, state: dict | None) -> None:
+    def _restore(self, state: dict | None, own_run: bool = True) -> None:
+        """`own_run`: the checkpoint is this run_dir's (False: another run's started this one)."""
         if not state:
             return
         self.step = self._saved_step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.mlflow_run_id = state.get("mlflow_run_id")
-        self.mlflow_run_token = state.get("mlflow_run_token")
+        self.bad_steps = int(state.get("bad_steps", 0))
+        if own_run:
+            self.mlflow_run_id = state.get("mlflow_run_id")
+            self.mlflow_run_token = state.get("mlflow_run_token")
+        else:  # another run's checkpoint starts this run_dir: its own MLflow run, not the other's
+            self._saved_step = None
+            self._parent_mlflow_run_id = state.get("mlflow_run_id")
+            if self.rank == 0:
+                log.info("started from another run's checkpoint: a new MLflow run (parent %s)",
+                         self._parent_mlflow_run_id)
         if self.ema:  # (collective under ZeRO-3)
             self.ema.load_state_dict(state.get("ema"), self.device)
         per_rank = state.get("per_rank") or []

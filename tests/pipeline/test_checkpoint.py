@@ -37,6 +37,61 @@ def test_resuming_an_older_checkpoint_leaves_the_newer_ones_behind(markov_data, 
     assert "resumed at step 9" in again.stdout + again.stderr
 
 
+def test_another_runs_checkpoint_starts_a_run_without_touching_that_run(markov_data, tmp_path):
+    """--resume DIR/checkpoints/stepN into a new run_dir (a fork): the new run saves, prunes and
+    writes `latest` in its own folder; the other run keeps every checkpoint it had."""
+    args = (*FAST, "train.checkpoint_every=2", "train.keep_last=2")
+    a = tmp_path / "a"
+    run_single(a, markov_data, *args, "train.max_steps=10")
+    before = {p.relative_to(a): p.stat().st_mtime_ns for p in (a / "checkpoints").rglob("*") if p.is_file()}
+    fork = tmp_path / "fork"
+    out = run_single(fork, markov_data, *args, "train.max_steps=14", "optim.lr=1e-4",
+                     resume=str(a / "checkpoints" / "step00000008"))
+    text = out.stdout + out.stderr
+    assert "resumed at step 8" in text and "resumed with optim.lr from the config" in text
+    assert ckpt.complete_tags(fork / "checkpoints") == ["step00000012", "step00000014"]
+    assert (fork / "checkpoints" / "latest").read_text() == "step00000014"
+    after = {p.relative_to(a): p.stat().st_mtime_ns for p in (a / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before and not (a / "checkpoints" / ckpt.ABANDONED).exists()
+    # its own step directory, spelled another way, is still its own: the newer step 10 is abandoned
+    own = os.path.relpath(a / "checkpoints" / "step00000008", os.getcwd())
+    out = run_single(a, markov_data, *args, "train.max_steps=9", resume=f"../{os.path.basename(os.getcwd())}/{own}")
+    assert "the newer checkpoints step00000010 were moved to" in out.stdout + out.stderr
+
+
+def test_a_resume_applies_the_configs_optimizer_settings_at_the_restored_schedule():
+    """The optimizer state and LR schedule come back with the checkpoint's hyperparameters; the
+    config's apply from the resume on, and an unchanged config leaves everything as loaded."""
+    import copy
+
+    from pipeline.config import RunConfig
+    from pipeline.trainer import apply_optim_config, lr_lambda, param_groups
+
+    cfg = RunConfig()
+    cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.train.max_steps = 4, 0.0, 100
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    for _ in range(3):
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        sched.step()
+    saved = copy.deepcopy((opt.state_dict(), sched.state_dict()))
+    apply_optim_config(sched, cfg)
+    assert (opt.state_dict()["param_groups"], sched.state_dict()) == (saved[0]["param_groups"], saved[1])
+    new = copy.deepcopy(cfg)
+    new.optim.lr, new.optim.weight_decay, new.optim.betas, new.optim.eps = 1e-4, 0.5, (0.8, 0.9), 1e-6
+    apply_optim_config(sched, new)
+    factor = lr_lambda(cfg)(3)
+    decay, no_decay = opt.param_groups
+    assert decay["lr"] == no_decay["lr"] == 1e-4 * factor and sched.get_last_lr() == [1e-4 * factor] * 2
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.5, 0.0)
+    assert decay["betas"] == (0.8, 0.9) and decay["eps"] == 1e-6
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 1e-4 * lr_lambda(cfg)(4)
+
+
 def test_a_missing_shard_falls_back_to_the_previous_checkpoint(markov_data, tmp_path):
     """COMPLETE lists every rank's files with their sizes: a shard lost afterwards (an interrupted
     cleanup, a storage fault) makes that checkpoint damaged (with several ranks it used to read as a

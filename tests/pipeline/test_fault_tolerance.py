@@ -187,6 +187,12 @@ def test_non_finite_steps_are_skipped_then_abort_after_k_in_a_row(markov_data, t
     assert "not finite for 3 steps in a row (last: step 6)" in bad.stderr
     run = mlflow_run(tmp_path / "b", bad.stdout + bad.stderr)  # a crashed run says so in MLflow, with the metrics it logged
     assert run.info.status == "FAILED" and run.data.metrics["train/skipped_steps"] == 2
+    # the streak counts across a resume: step 5 (saved) then 6 and 7 are three in a row
+    run_single(tmp_path / "c", markov_data, *FAST, "train.max_steps=5", "train.checkpoint_every=5",
+               env_extra={"MDLM_INJECT_NAN_STEPS": "5"})
+    resumed = run_single(tmp_path / "c", markov_data, *FAST, "train.max_steps=20", "train.max_bad_steps=3",
+                         env_extra={"MDLM_INJECT_NAN_STEPS": "6,7"}, resume="auto", check=False)
+    assert resumed.returncode != 0 and "not finite for 3 steps in a row (last: step 7)" in resumed.stderr
 
 
 def mlflow_run(run_dir: Path, output: str = ""):

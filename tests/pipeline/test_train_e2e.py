@@ -65,7 +65,15 @@ def test_resume_continues_exactly_and_in_the_same_mlflow_run(runs):
     assert sorted(resumed) == sorted(straight)  # one run, steps 5..40, continued after the restart
     for step in range(31, 41):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
-    assert c_res.get_run(id_res).info.status == "FINISHED"
+    run = c_res.get_run(id_res)
+    assert run.info.status == "FINISHED"
+    # the first start's params stay (MLflow cannot change them); the resume's config and changes
+    # are beside them
+    assert run.data.params["train.max_steps"] == "30" and run.data.tags["mdlm.resumed_at_step"] == "30"
+    assert "train.max_steps: 30 -> 40" in run.data.tags["mdlm.resume.step00000030.changed"]
+    [artifact] = c_res.list_artifacts(id_res, "resumes/step00000030")
+    assert artifact.path == "resumes/step00000030/config.yaml"
+    assert "mdlm.resumed_at_step" not in c_str.get_run(id_str).data.tags
 
 
 def test_mlflow_run_holds_config_metrics_and_artifacts(runs):
