@@ -391,9 +391,20 @@ class Trainer:
         else:
             yield
 
+    @property
+    def _unsaved_run_file(self) -> Path:
+        """The MLflow run token of a start that has no checkpoint yet: a restart before the first
+        checkpoint reopens that run (else it stays RUNNING and a second run begins)."""
+        return self.run_dir / "mlflow_run.json"
+
     def _start_tracking(self) -> Tracker | None:
         tc = self.cfg.tracking
         uri = tc.uri or default_tracking_uri(self.run_dir)
+        if self.step == 0 and self.mlflow_run_token is None and self._unsaved_run_file.is_file():
+            try:
+                self.mlflow_run_token = json.loads(self._unsaved_run_file.read_text())["run_token"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable: a new run
         try:
             artifacts = self.run_dir / "mlartifacts" if uri.startswith("sqlite:") else None
             tracker = Tracker(uri, tc.experiment, tc.run_name, run_id=self.mlflow_run_id,
@@ -422,6 +433,10 @@ class Trainer:
             tracker.set_tags(tags)
         self.mlflow_run_id = tracker.run_id or self.mlflow_run_id
         self.mlflow_run_token = tracker.run_token
+        if self.step == 0:
+            tmp = self._unsaved_run_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"run_token": tracker.run_token, "tracking_uri": uri}))
+            os.replace(tmp, self._unsaved_run_file)
         return tracker
 
     # ---- checkpoint state ----------------------------------------------------------------
@@ -516,6 +531,7 @@ class Trainer:
             DATA_MANIFEST: data / "manifest.json", "tokenizer": data / "tokenizer"})
         if self.rank == 0:
             log.info("checkpoint saved: %s", path)
+            self._unsaved_run_file.unlink(missing_ok=True)  # the checkpoints carry the run from here
         return path
 
     # ---- the loop ------------------------------------------------------------------------

@@ -20,24 +20,29 @@ def _tree(out):
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_resume_after_kill_gives_identical_shards(tmp_path, ray_session, capsys):
-    corpus = write_txt_corpus(tmp_path / "corpus", make_docs(300, seed=3, lo=100, hi=300))
-    ref = tmp_path / "ref"
-    run(["--input", corpus, "--out", ref, *ARGS])
-
-    out = tmp_path / "killed"
+def kill_once_group_is_done(ray_session, corpus, out, group: int) -> None:
+    """`python -m data_prep` on the test's Ray, SIGKILLed once group `group` has finished."""
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
                PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--input", str(corpus), "--out", str(out),
                              "--num-workers", "1", *ARGS], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = out / "_work" / "groups" / "000003.json"
+    target = out / "_work" / "groups" / f"{group:06d}.json"
     deadline = time.time() + 120
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     err = proc.communicate()[1].decode()
     assert target.exists(), err[-2000:]
+
+
+def test_resume_after_kill_gives_identical_shards(tmp_path, ray_session, capsys):
+    corpus = write_txt_corpus(tmp_path / "corpus", make_docs(300, seed=3, lo=100, hi=300))
+    ref = tmp_path / "ref"
+    run(["--input", corpus, "--out", ref, *ARGS])
+
+    out = tmp_path / "killed"
+    kill_once_group_is_done(ray_session, corpus, out, 3)
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     assert (out / "_work" / "job.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-*.tar")}
@@ -63,17 +68,7 @@ def test_a_rerun_over_a_finished_folder_is_unfinished_until_it_ends(tmp_path, ra
     out = tmp_path / "out"
     run(["--input", corpus, "--out", out, *ARGS])
     (corpus / "doc0000.txt").write_text(make_docs(1, seed=99, lo=200, hi=201)[0])
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--input", str(corpus), "--out", str(out),
-                             "--num-workers", "1", *ARGS], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = out / "_work" / "groups" / "000002.json"
-    deadline = time.time() + 120
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    err = proc.communicate()[1].decode()
-    assert target.exists(), err[-2000:]
+    kill_once_group_is_done(ray_session, corpus, out, 2)
     assert not (out / "manifest.json").exists()
     problems = verify_dir(out)[0]
     assert problems and "manifest.json" in problems[0], problems[:3]

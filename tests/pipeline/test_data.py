@@ -374,16 +374,22 @@ def test_a_bug_while_reading_is_raised_as_itself_not_retried_as_damage(markov_da
     assert len(calls) == 1
 
 
-def test_a_shard_with_a_sample_missing_its_tokens_is_unreadable(markov_data, tmp_path, monkeypatch):
-    import io
+def _copy_with_first_val_shard(data_dir, tmp_path):
+    """A copy of the dataset to damage: (its folder, the first val shard's manifest entry, its path)."""
     import json
     import shutil
-    import tarfile
 
     copy = tmp_path / "data"
-    shutil.copytree(markov_data, copy)
+    shutil.copytree(data_dir, copy)
     shard = json.loads((copy / "manifest.json").read_text())["splits"]["val"]["shards"][0]
-    path = copy / shard["name"]
+    return copy, shard, copy / shard["name"]
+
+
+def test_a_shard_with_a_sample_missing_its_tokens_is_unreadable(markov_data, tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    copy, _, path = _copy_with_first_val_shard(markov_data, tmp_path)
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w") as tar:  # the first sample's tokens.npy renamed away
@@ -415,14 +421,9 @@ def test_token_ids_outside_the_vocabulary_are_caught_at_the_shard(markov_data, m
 
 def test_a_shard_damaged_inside_valid_tokens_fails_its_checksum(markov_data, tmp_path, monkeypatch):
     """One bit flipped in a token (the tar and every id still valid: only the checksum sees it)."""
-    import json
-    import shutil
     import tarfile
 
-    copy = tmp_path / "data"
-    shutil.copytree(markov_data, copy)
-    shard = json.loads((copy / "manifest.json").read_text())["splits"]["val"]["shards"][0]
-    path = copy / shard["name"]
+    copy, shard, path = _copy_with_first_val_shard(markov_data, tmp_path)
     with tarfile.open(path) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("tokens.npy"))
     raw = bytearray(path.read_bytes())

@@ -134,19 +134,21 @@ def _evaluate_with_rank_1_unreadable(rank, port, data_dir, results):
         dist.destroy_process_group()
 
 
-def test_a_shard_one_rank_cannot_read_fails_the_evaluation_on_every_rank(markov_data):
-    """Not a hang: the rank that failed still joins the reduction, and every rank raises."""
-    import socket
-
+def on_two_ranks(fn, data_dir) -> dict:
+    """fn(rank, port, data_dir, results) on 2 gloo ranks; what each rank put in results."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from .conftest import free_port
+
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_evaluate_with_rank_1_unreadable, args=(port, str(markov_data), results), nprocs=2, join=True)
-        results = dict(results)
+        mp.spawn(fn, args=(free_port(), str(data_dir), results), nprocs=2, join=True)
+        return dict(results)
+
+
+def test_a_shard_one_rank_cannot_read_fails_the_evaluation_on_every_rank(markov_data):
+    """Not a hang: the rank that failed still joins the reduction, and every rank raises."""
+    results = on_two_ranks(_evaluate_with_rank_1_unreadable, markov_data)
     assert results[0] == f"split 'val' of {markov_data} could not be read on 1 of 2 rank(s)"
     assert results[1].startswith(f"split 'val' of {markov_data} could not be read on 1 of 2 rank(s); here: OSError: ")
     assert "Input/output error), 3 tries" in results[1]
@@ -181,17 +183,7 @@ def _evaluate_with_rank_1_out_of_memory(rank, port, data_dir, results):
 def test_an_error_on_one_rank_fails_the_evaluation_on_every_rank(markov_data):
     """An out-of-memory on one rank: both ranks raise EvaluationFailed, the failing one with its
     error as the cause; nobody is left waiting in the reduction."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_evaluate_with_rank_1_out_of_memory, args=(port, str(markov_data), results), nprocs=2, join=True)
-        results = dict(results)
+    results = on_two_ranks(_evaluate_with_rank_1_out_of_memory, markov_data)
     head = f"evaluating split 'val' of {markov_data} failed on 1 of 2 rank(s)"
     assert results[0] == ("EvaluationFailed", f"{head}; see that rank's log", "NoneType")
     assert results[1] == ("EvaluationFailed", f"{head}; here: OutOfMemoryError: CUDA out of memory. Tried to "

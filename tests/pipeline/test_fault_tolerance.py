@@ -126,6 +126,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(markov_data, tmp_path):
     assert mlflow_run(tmp_path, out).info.status == "KILLED"  # until a resume reopens it
 
 
+def test_a_restart_before_the_first_checkpoint_continues_the_same_mlflow_run(markov_data, tmp_path):
+    """Killed before any checkpoint, the run starts over: in the MLflow run it had opened, which
+    ends FINISHED instead of staying RUNNING beside a second run."""
+    proc = start_training(tmp_path, markov_data, *FAST, "train.max_steps=100000", "train.checkpoint_every=0",
+                          "tracking.enabled=true")
+    wait_for_line(proc, "step 3/")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "mlflow_run.json").is_file()
+    out = run_single(tmp_path, markov_data, *FAST, "train.max_steps=4", "tracking.enabled=true")
+    run = mlflow_run(tmp_path, out.stdout + out.stderr)  # exactly one run in the experiment
+    assert run.info.status == "FINISHED"
+    assert not (tmp_path / "mlflow_run.json").exists()  # the checkpoints carry the run from here
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(markov_data, tmp_path):
     run_single(tmp_path, markov_data, *FAST, "train.max_steps=20", "train.checkpoint_every=10")
     newest = tmp_path / "checkpoints" / "step00000020" / "mp_rank_00_model_states.pt"
