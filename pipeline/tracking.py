@@ -232,6 +232,26 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._submit("log_metrics", self._on_run, self.client.log_batch, metrics=items)
 
+    def backfill(self, rows: dict[int, dict]) -> None:
+        """Log the metrics of rows ({step: {name: value}}) that the run lacks, once it is open: what
+        an earlier process of this training still held in its queue when it died (a tracking
+        outage). The run's histories are read at delivery, so a retry adds nothing twice."""
+        from mlflow.entities import Metric
+
+        def deliver() -> None:
+            names = sorted({k for row in rows.values() for k in row})
+            have = {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in names}
+            now = int(time.time() * 1000)
+            missing = [Metric(k, float(v), now, step) for step, row in sorted(rows.items())
+                       for k, v in row.items() if step not in have[k]]
+            for i in range(0, len(missing), 1000):  # the REST API takes at most 1000 metrics per batch
+                self.client.log_batch(self.run_id, metrics=missing[i:i + 1000])
+            if missing:
+                log.info("MLflow run %s lacked %d metric value(s) of steps %d..%d: sent from metrics.jsonl",
+                         self.run_id, len(missing), missing[0].step, missing[-1].step)
+
+        self._submit("backfill metrics", deliver)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, new_run_only: bool = False) -> None:
         self._submit("log_artifact", self._on_run, self.client.log_artifact, str(path), artifact_path,
                      new_run_only=new_run_only)

@@ -397,6 +397,26 @@ class Trainer:
         checkpoint reopens that run (else it stays RUNNING and a second run begins)."""
         return self.run_dir / "mlflow_run.json"
 
+    def _logged_metrics(self) -> dict[int, dict]:
+        """metrics.jsonl up to the resumed step, {step: {name: value}}: the train and eval lines
+        of a step merged, and of a metric logged twice at a step (an earlier restart ran the step
+        again) the last line."""
+        rows: dict[int, dict] = {}
+        try:
+            with open(self.run_dir / "metrics.jsonl") as fh:
+                for line in fh:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a line cut by a kill
+                        continue
+                    step = row.pop("step", None) if isinstance(row, dict) else None
+                    if isinstance(step, int) and 0 < step <= self.step:
+                        rows.setdefault(step, {}).update(
+                            (k, v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        except OSError:
+            pass
+        return rows
+
     def _start_tracking(self) -> Tracker | None:
         tc = self.cfg.tracking
         uri = tc.uri or default_tracking_uri(self.run_dir)
@@ -431,6 +451,8 @@ class Trainer:
             if self._parent_mlflow_run_id:
                 tags["mdlm.parent_run_id"] = self._parent_mlflow_run_id
             tracker.set_tags(tags)
+        if self.step:  # what an outage kept from MLflow before the checkpoint, if the process was killed
+            tracker.backfill(self._logged_metrics())
         self.mlflow_run_id = tracker.run_id or self.mlflow_run_id
         self.mlflow_run_token = tracker.run_token
         if self.step == 0:

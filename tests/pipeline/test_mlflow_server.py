@@ -127,6 +127,36 @@ def test_a_server_down_at_start_gets_the_whole_run_once_it_answers(markov_data, 
         srv.stop()
 
 
+def test_metrics_an_outage_held_back_from_a_killed_process_reach_the_run_on_resume(markov_data, tmp_path):
+    """The server is down, a checkpoint is saved, and the process is killed with its queue: the
+    resume sends the run what it lacks up to the checkpoint, from metrics.jsonl, once each."""
+    srv = MlflowServer(tmp_path / "store", free_port())
+    (tmp_path / "store").mkdir()
+    run_dir = tmp_path / "run"
+    args = ("train.log_every=1", "train.checkpoint_every=10", "eval.max_batches=1", "sample.num_samples=1",
+            "sample.steps=4")
+    proc = start_training(run_dir, markov_data, "train.max_steps=100000", *args, mlflow_uri=srv.uri)
+    try:
+        wait_for_line(proc, "does not answer")
+        wait_for_line(proc, "checkpoint saved")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        srv.start()
+        resumed = start_training(run_dir, markov_data, "train.max_steps=20", *args, "--resume", "auto",
+                                 mlflow_uri=srv.uri)
+        out, _ = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, out
+        client = MlflowClient(srv.uri)
+        [run] = client.search_runs(client.get_experiment_by_name("mdlm-pretrain").experiment_id)
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+        assert steps == list(range(1, 21)), steps
+        assert "lacked" in out and "sent from metrics.jsonl" in out
+        assert run.info.status == "FINISHED"
+    finally:
+        proc.kill()
+        srv.stop()
+
+
 def test_a_server_that_never_answers_costs_training_nothing(tmp_path, in_process_mlflow):
     from pipeline.tracking import Tracker
 
