@@ -104,9 +104,10 @@ def prepare_out_dir(cfg: DataPrepConfig, out: Path) -> None:
         previous = None
     if previous is not None and previous != job:
         if not cfg.overwrite:
-            diff = sorted(k for k in set(job) | set(previous if isinstance(previous, dict) else {})
-                          if not isinstance(previous, dict) or previous.get(k) != job.get(k))
-            raise JobFailed(f"output folder '{out}' holds a different job (differs in: {', '.join(diff)}); "
+            old = previous if isinstance(previous, dict) else {}
+            diff = sorted(k for k in set(job) | set(old) if not isinstance(previous, dict) or old.get(k) != job.get(k))
+            said = ", ".join(f"{k}: {old[k]} -> {job.get(k)}" if k in old else k for k in diff)
+            raise JobFailed(f"output folder '{out}' holds a different job (differs in: {said}); "
                             "choose another --out or pass --overwrite to replace it")
     if cfg.overwrite and previous != job:
         for name in ("train", "val", "tokenizer", "_work"):

@@ -233,7 +233,8 @@ class RunConfig:
         usable = sorted(name for name, split in splits.items() if split.get("shards"))
         for name, fix in (("train", "rerun data_prep on a corpus with text in it"),
                           (self.data.eval_split, f"set data.eval_split to one of {usable} or rerun data_prep "
-                                                 "with --val-fraction > 0")):
+                                                 "with --val-fraction > 0 (each document goes to val with that "
+                                                 "probability: a small corpus may need a larger one)")):
             if name not in usable:
                 raise ConfigError(f"data.path '{self.data.path}' has no shards in split '{name}' "
                                   f"(splits with shards: {', '.join(usable) or 'none'}): {fix}")

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--processes", type=int, default=2, help="DeepSpeed processes (CPU: gloo)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents held out for validation (a small --corpus needs more)")
     p.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_steps=100")
     args = p.parse_intermixed_args(argv)  # overrides before and after the options
     total_start = time.perf_counter()
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    corpus: {corpus}")
     run_dir = (ROOT / (args.run_dir or ("runs/demo-" + corpus.name if args.corpus else "runs/demo"))).resolve()
     data_dir = run_dir / "data"
+    _check_earlier_data(data_dir, args)
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # one CPU process per core: more threads per process only oversubscribe the cores
@@ -72,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     timings["data_prep"] = _run(
         [python, "-m", "data_prep", "--input", str(corpus), "--out", str(data_dir),
          "--tokenizer", f"train:{args.vocab_size}", "--seq-len", str(args.seq_len),
-         "--val-fraction", "0.05", "--samples-per-shard", "2000"],
+         "--val-fraction", str(args.val_fraction), "--samples-per-shard", "2000"],
         "data_prep on an embedded Ray (tokenize, pack, write webdataset shards)", env)
     timings["verify"] = _run([python, "-m", "data_prep", "verify", str(data_dir)], "verify the shards", env)
+    val = json.loads((data_dir / "manifest.json").read_text())["splits"]["val"]
+    if not val["shards"]:
+        raise SystemExit(f"demo: no document of {corpus} landed in the validation split ({val['documents']} of "
+                         f"them; each goes there with probability --val-fraction {args.val_fraction}): pass a "
+                         f"larger --val-fraction in DEMO_ARGS, e.g. 0.3, or use more documents")
 
     deepspeed = shutil.which("deepspeed", path=str(Path(python).parent)) or shutil.which("deepspeed")
     if deepspeed is None:
@@ -98,14 +106,31 @@ shards        {data_dir}  (manifest.json, tokenizer/, train/, val/)
 checkpoints   {summary['checkpoints']}
 samples       {summary['samples']}
 MLflow store  {uri}   (run {summary.get('mlflow_run_id')})
-open it with  mlflow ui --backend-store-uri {uri}
+open it with  {Path(python).parent / 'mlflow'} ui --backend-store-uri {uri}
 
 validation perplexity bound (MDLM, exp NELBO/token): {bound:.2f}  (95% CI {lo:.2f}-{hi:.2f}, se {se:.4f} nats)
 unigram perplexity of the same validation tokens:     {unigram:.2f}
 -> the bound is {verdict} the unigram perplexity ({bound / unigram:.2f}x)
 timings (s): {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}
 """)
+    if hi >= unigram:
+        print("demo: exit status 1, as the model did not beat the unigram baseline (more steps: "
+              "DEMO_ARGS=\"train.max_steps=N\" resumes this run)", file=sys.stderr)
     return 0 if hi < unigram else 1
+
+
+def _check_earlier_data(data_dir: Path, args) -> None:
+    """A run folder made with another tokenizer or sequence length is refused by data_prep, in its
+    own terms (--out, --overwrite); say it in the demo's."""
+    try:
+        job = json.loads((data_dir / "manifest.json").read_text())["job"]
+    except (OSError, ValueError, KeyError):
+        return
+    want = {"tokenizer": f"train:{args.vocab_size}", "seq_len": args.seq_len}
+    differs = [f"{k} {job.get(k)} (now {v})" for k, v in want.items() if job.get(k) != v]
+    if differs:
+        raise SystemExit(f"demo: {data_dir.parent} was made with {', '.join(differs)}: delete it, choose another "
+                         f"--run-dir, or pass the same --vocab-size/--seq-len (DEMO_ARGS=\"...\")")
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                             precision_context, resolve_checkpoint, resolve_precision, training_data)
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoints dir (newest complete) or one step dir")
+    parser.add_argument("--checkpoint", required=True, help="a run dir or its checkpoints dir (the newest complete checkpoint), or one step dir")
     parser.add_argument("--data", default="", help="data_prep output dir (default: the run's data.path)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--time-samples", type=int, default=16)

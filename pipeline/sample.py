@@ -63,7 +63,8 @@ def parse_args(argv):
     p.add_argument("--data", default="", help="the training data_prep output, for checkpoints that hold no copy "
                                               "of its manifest and tokenizer (default: the run's data.path)")
     p.add_argument("--output", default="samples", help="output prefix: writes PREFIX.txt, PREFIX.jsonl and "
-                                                        "PREFIX.json (a folder: FOLDER/samples.*)")
+                                                        "PREFIX.json (a folder: FOLDER/samples.*); default: "
+                                                        "./samples.*, replaced by the next run")
     args = p.parse_args(argv)
     if args.no_cache and args.sampler == "cached":
         args.sampler = "ancestral"
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     stats["tokenizer"] = manifest["tokenizer"]
     _with(prefix, ".json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))
+    print(f"wrote {', '.join(str(_with(prefix, ext)) for ext in ('.txt', '.jsonl', '.json'))}", file=sys.stderr)
     return 0
 
 

@@ -833,6 +833,9 @@ class Trainer:
         window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
         start_step, run_start = self.step, time.perf_counter()
         summary: dict = {}
+        if self.step >= t.max_steps and self.rank == 0:
+            log.warning("resumed at step %d, train.max_steps=%d: no step to train; evaluating and sampling "
+                        "only (a larger train.max_steps trains on)", self.step, t.max_steps)
         while self.step < t.max_steps:
             stats = self.train_step()
             window_tokens += t.global_batch_size * self.seq_len

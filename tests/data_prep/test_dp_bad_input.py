@@ -117,7 +117,7 @@ def test_a_failed_start_does_not_lock_the_output_folder(messy_corpus, tmp_path, 
         run([*args, "--text-field", "content"])
     man = run(args)
     assert man["splits"]["train"]["samples"] > 0 and verify_dir(out)[0] == []
-    with pytest.raises(JobFailed, match=r"holds a different job \(differs in: seq_len\)"):
+    with pytest.raises(JobFailed, match=r"holds a different job \(differs in: seq_len: 32 -> 64\)"):
         run([*args[:-1], 64])
 
 
