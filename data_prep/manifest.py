@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import uuid
 from pathlib import Path
 
 FORMAT_VERSION = 1
@@ -23,10 +25,16 @@ class ManifestError(ValueError):
     """manifest.json is missing, unreadable or of an unsupported format."""
 
 
+def partial_path(path: Path) -> Path:
+    """Where `path` is written before its atomic rename: unique per call, so two nodes (equal pids
+    on a shared filesystem) or a retried task beside a not-quite-dead one never share it."""
+    return path.with_name(f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = partial_path(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import manifest as mf
+
 # shard-<group>-<n>.tar (this layout); plain shard-<n>.tar is still recognised as a shard file
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})(?:-(\d{4,}))?\.tar$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -122,7 +124,7 @@ class ShardWriter:
         index = len(self.shards)
         name = shard_name(self.split, self.group, index)
         final = self.out_dir / name
-        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        tmp = mf.partial_path(final)
         samples = np.concatenate(self.pending)
         masks = np.concatenate(self.pending_masks) if self.with_mask else None
         tok_head = npy_header(samples.dtype, samples.shape[1])

@@ -129,8 +129,9 @@ def _check_shard(name, data, seq_len, dtype, packing, vocab, bos, eos, pad, keys
         if tokens is not None:
             if tokens.dtype != dtype or tokens.shape != (seq_len,):
                 sample_errs.append(f"{where}: tokens {tokens.dtype}{list(tokens.shape)}, expected {dtype}[{seq_len}]")
-            elif tokens.size and int(tokens.max()) >= vocab:
-                sample_errs.append(f"{where}: token id {int(tokens.max())} >= vocab_size {vocab}")
+            elif tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab:
+                sample_errs.append(f"{where}: token ids {int(tokens.min())}..{int(tokens.max())} outside "
+                                   f"0..{vocab - 1} (vocab_size {vocab})")
             elif packing == "wrap":
                 if int(tokens[0]) != bos or int(tokens[-1]) != eos:
                     sample_errs.append(f"{where}: does not start with BOS {bos} and end with EOS {eos}")

@@ -64,3 +64,36 @@ def test_missing_and_stray_shards_and_tokenizer_change(wrap_out, tmp_path):
     assert f"{name}: missing" in text
     assert "train/shard-000099-0000.tar: shard file not listed" in text
     assert "tokenizer/tokenizer.json: sha256 mismatch" in text
+
+
+def test_a_sample_with_ids_outside_the_vocabulary_is_reported_even_with_a_matching_checksum(wrap_out, tmp_path):
+    """The per-sample checks, on a shard whose manifest sha256 was updated with the damage (as a
+    buggy writer would have produced it): only the ids themselves give it away."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+
+    out = _copy(wrap_out, tmp_path / "ids")
+    name = _shard(out, "train", 0)
+    with tarfile.open(out / name) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = next(i for i, (m, _) in enumerate(members) if m.name.endswith("tokens.npy"))
+    tokens = np.load(io.BytesIO(members[first][1]))
+    tokens[5] = 60000  # the tokenizer has 400 ids
+    buf = io.BytesIO()
+    np.save(buf, tokens)
+    with tarfile.open(out / name, "w") as tar:
+        for i, (m, raw) in enumerate(members):
+            raw = buf.getvalue() if i == first else raw
+            m.size = len(raw)
+            tar.addfile(m, io.BytesIO(raw))
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = next(s for s in manifest["splits"]["train"]["shards"] if s["name"] == name)
+    entry["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    text = "\n".join(verify_dir(out)[0])
+    assert "sha256 mismatch" not in text
+    assert f"token ids 0..60000 outside 0..{manifest['tokenizer']['vocab_size'] - 1}" in text, text[:2000]
