@@ -24,7 +24,8 @@ from model.tensor_parallel import strip_extra_state
 from . import metrics
 from .adapters import (apply_activation_checkpointing, attention_backend, compile_blocks, fuse_bf16_grad_update,
                        plain_name, zero3_leaf_blocks)
-from .checkpoint import DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences
+from .checkpoint import (DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences,
+                         lock_run_dir)
 from .config import RunConfig, corpus_split
 from .configtools import ConfigError, dump_yaml, flatten, to_dict
 from .data import ShardStream, batches, load_manifest
@@ -306,6 +307,10 @@ class Trainer:
         self.stream = ShardStream(cfg.data.path, "train", self.dp_rank, self.dp_world, cfg.data.seed, cfg.data.shuffle,
                                   split_by=cfg.data.split_by, check_sha256=cfg.data.check_sha256,
                                   shuffle_window=cfg.data.shuffle_window)
+        self._run_dir_lock, held_by = lock_run_dir(self.run_dir) if self.rank == 0 else (None, None)
+        if not all_ranks_agree(held_by is None, self.device):
+            raise ConfigError(f"run_dir '{self.run_dir}' is in use by another training process ({held_by or 'see rank 0'}): "
+                              f"wait for it to end or stop it, or choose another run_dir")
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank, self.device)
         self.step = 0
         self.tokens_seen = 0
@@ -373,6 +378,9 @@ class Trainer:
 
             destroy()
         shutdown_distributed()
+        if self._run_dir_lock is not None:
+            self._run_dir_lock.close()
+            self._run_dir_lock = None
 
     @property
     def _eval_model_is_collective(self) -> bool:

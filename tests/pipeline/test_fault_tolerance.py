@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,6 +140,21 @@ def test_a_restart_before_the_first_checkpoint_continues_the_same_mlflow_run(mar
     run = mlflow_run(tmp_path, out.stdout + out.stderr)  # exactly one run in the experiment
     assert run.info.status == "FINISHED"
     assert not (tmp_path / "mlflow_run.json").exists()  # the checkpoints carry the run from here
+
+
+def test_a_second_training_into_a_run_dir_in_use_is_refused(markov_data, tmp_path):
+    proc = start_training(tmp_path, markov_data, *FAST, "train.max_steps=100000", "train.checkpoint_every=0")
+    try:
+        wait_for_line(proc, "step 3/")
+        second = run_single(tmp_path, markov_data, *FAST, "train.max_steps=5", resume="auto", check=False)
+        assert second.returncode == 2
+        assert (f"run_dir '{tmp_path}' is in use by another training process (host {socket.gethostname()}, "
+                f"pid {proc.pid}, since ") in second.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    # killed, the first holds nothing: the folder is free again
+    assert "resumed" not in run_single(tmp_path, markov_data, *FAST, "train.max_steps=2").stdout
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(markov_data, tmp_path):
