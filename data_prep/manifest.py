@@ -10,9 +10,12 @@ group order; readers take the names from the manifest.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +26,30 @@ SPLITS = ("train", "val")
 
 class ManifestError(ValueError):
     """manifest.json is missing, unreadable or of an unsupported format."""
+
+
+def lock_folder(folder: Path, who: str):
+    """(the held lock file, None), or (None, who holds it): an exclusive lock on folder/.lock for
+    as long as this process keeps the file open; it ends with the process, also on kill -9. A
+    filesystem without locks is warned about, not refused. `who`: the holder, for the warning."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        owner = fh.read().strip() or "owner unknown"
+        fh.close()
+        return None, owner
+    except OSError as err:
+        logging.getLogger(__name__).warning("%s cannot be locked (%s): a second job started into it while %s runs "
+                                            "would not be refused", folder, err, who)
+        return fh, None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fh.flush()
+    return fh, None
 
 
 def partial_path(path: Path) -> Path:

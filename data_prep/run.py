@@ -278,7 +278,7 @@ def _connect_ray(cfg: DataPrepConfig):
             log(f"connecting to the Ray cluster at {os.environ['RAY_ADDRESS']}")
             ray.init(log_to_driver=True)
         else:
-            n = cfg.num_workers or None  # None: Ray counts the CPUs, within container and affinity limits
+            n = cfg.num_workers or None  # None: Ray counts the CPUs, within a container's cgroup limits
             pkg_root = str(Path(__file__).resolve().parents[1])
             pypath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
             ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=True,
@@ -320,6 +320,18 @@ def run_job(cfg: DataPrepConfig) -> dict:
     total_bytes = sum(f.size for f in files)
     log(f"{len(files)} input files ({total_bytes / 1e6:.1f} MB) in {len(groups)} groups of ~"
         f"{group_bytes / 1e6:.1f} MB -> {out}")
+    lock, owner = mf.lock_folder(out, "a data_prep job")
+    if lock is None:
+        raise JobFailed(f"output folder '{out}' is in use by another data_prep job ({owner}): wait for it to end "
+                        f"or choose another --out")
+    try:
+        return _run_locked(cfg, out, files, groups, group_bytes, total_bytes, t_start)
+    finally:
+        lock.close()
+
+
+def _run_locked(cfg: DataPrepConfig, out: Path, files, groups, group_bytes: int, total_bytes: int,
+                t_start: float) -> dict:
     prepare_out_dir(cfg, out)
     info = get_tokenizer(cfg, out, groups, inputs_signature(files))
     spp = cfg.samples_per_shard or auto_samples_per_shard(total_bytes, cfg.seq_len, info.dtype, group_bytes)

@@ -13,13 +13,11 @@ resume with a different model is refused by name before any weights are read.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,26 +30,10 @@ log = logging.getLogger(__name__)
 
 def lock_run_dir(run_dir: Path):
     """(the held lock file, None), or (None, who holds it): one training process per run_dir, so
-    two launches into one folder cannot interleave saves, pruning and `latest`. The lock ends with
-    the process, also on kill -9. A filesystem without locks is warned about, not refused."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        owner = fh.read().strip() or "owner unknown"
-        fh.close()
-        return None, owner
-    except OSError as err:
-        log.warning("run_dir %s cannot be locked (%s): a second training started into it would not be "
-                    "refused", run_dir, err)
-        return fh, None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    fh.flush()
-    return fh, None
+    two launches into one folder cannot interleave saves, pruning and `latest`."""
+    from data_prep.manifest import lock_folder
+
+    return lock_folder(run_dir, "a training")
 TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE"
 RUN_CONFIG = "run_config.json"

@@ -127,7 +127,7 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
         except Exception as err:  # e.g. out of memory on this rank only
             crash = err
             break
-    del stream, it  # a crash's traceback would otherwise keep the batch's tensors alive
+    del stream, it  # the shards read for this pass (a crash's traceback still holds its batch)
     total, var, tokens, seqs, failed, crashed = _all_reduce(
         [total, var, tokens, seqs, float(error is not None), float(crash is not None)], device)
     model.train(was_training)

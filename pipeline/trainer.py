@@ -80,6 +80,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
+def _another_runs_checkpoint(resume: str | None, run_dir: Path) -> bool:
+    """--resume names a step directory outside run_dir/checkpoints."""
+    if resume in (None, "auto") or not Path(resume).is_dir():
+        return False
+    return Path(resume).resolve().parent != (run_dir / "checkpoints").resolve()
+
+
 def apply_optim_config(scheduler, cfg: RunConfig, log_changes: bool = False) -> None:
     """After a resume: the optimizer state brings back the hyperparameters it was saved with, and
     the LR schedule its base learning rate. The config's own (optim.lr, weight_decay, betas, eps)
@@ -242,7 +249,20 @@ class Trainer:
                 raise ConfigError(str(err)) from err
             self.dp_rank, self.dp_world, self.mpu = layout.data_rank, layout.data, MegatronMPU()
         self.run_dir = Path(cfg.run_dir)
+        # before any model or engine is built: a second launch into a run_dir in use stops here
+        self._run_dir_lock, held_by = lock_run_dir(self.run_dir) if self.rank == 0 else (None, None)
+        if not all_ranks_agree(held_by is None, self.device):
+            raise ConfigError(f"run_dir '{self.run_dir}' is in use by another training process ({held_by or 'see rank 0'}): "
+                              f"wait for it to end or stop it, or choose another run_dir")
         existing = complete_tags(self.run_dir / "checkpoints")
+        if not all_ranks_agree(not (existing and _another_runs_checkpoint(resume, self.run_dir)), self.device):
+            # the same command again (a requeue) after this run_dir was started from another run's
+            # checkpoint: it continues this run instead of starting over from that checkpoint
+            if self.rank == 0:
+                log.warning("--resume %s names another run's checkpoint, but run_dir %s already holds its own "
+                            "(newest %s): continuing those (--resume auto)", resume, self.run_dir,
+                            existing[-1] if existing else "on another rank")
+            resume = "auto"
         if not all_ranks_agree(resume is not None or not existing, self.device):
             raise ConfigError(f"run_dir '{self.run_dir}' already holds checkpoints of a run (newest: "
                               f"{existing[-1] if existing else 'on another rank'}): pass --resume auto to "
@@ -307,10 +327,6 @@ class Trainer:
         self.stream = ShardStream(cfg.data.path, "train", self.dp_rank, self.dp_world, cfg.data.seed, cfg.data.shuffle,
                                   split_by=cfg.data.split_by, check_sha256=cfg.data.check_sha256,
                                   shuffle_window=cfg.data.shuffle_window)
-        self._run_dir_lock, held_by = lock_run_dir(self.run_dir) if self.rank == 0 else (None, None)
-        if not all_ranks_agree(held_by is None, self.device):
-            raise ConfigError(f"run_dir '{self.run_dir}' is in use by another training process ({held_by or 'see rank 0'}): "
-                              f"wait for it to end or stop it, or choose another run_dir")
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rank, self.device)
         self.step = 0
         self.tokens_seen = 0
@@ -428,9 +444,11 @@ class Trainer:
     def _start_tracking(self) -> Tracker | None:
         tc = self.cfg.tracking
         uri = tc.uri or default_tracking_uri(self.run_dir)
+        restart = False  # a start over after a kill before the first checkpoint
         if self.step == 0 and self.mlflow_run_token is None and self._unsaved_run_file.is_file():
             try:
                 self.mlflow_run_token = json.loads(self._unsaved_run_file.read_text())["run_token"]
+                restart = True
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # unreadable: a new run
         try:
@@ -449,9 +467,9 @@ class Trainer:
                             "derived.grad_accum": self.grad_accum, "derived.seq_len": self.seq_len}, new_run_only=True)
         tracker.log_artifact(self.run_dir / "config.yaml", new_run_only=True)
         tracker.log_artifact(Path(self.cfg.data.path) / "manifest.json", new_run_only=True)
-        if self.step:  # a resume: MLflow keeps the params of the run's first start, so the config of
-            # this one goes beside them, with what changed (metrics from the checkpoint's step on
-            # are logged again: MLflow keeps both values of a step that ran twice)
+        if self.step or restart:  # a resume (or a restart): MLflow keeps the params of the run's
+            # first start, so the config of this one goes beside them, with what changed (metrics
+            # from the checkpoint's step on are logged again: MLflow keeps both values of a step)
             tracker.log_artifact(self.run_dir / "config.yaml", artifact_path=f"resumes/step{self.step:08d}")
             tags = {"mdlm.resumed_at_step": self.step}
             if self._resume_changes:

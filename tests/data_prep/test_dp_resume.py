@@ -17,7 +17,8 @@ ARGS = ["--tokenizer", "train:300", "--seq-len", "32", "--val-fraction", "0.1", 
 
 
 def _tree(out):
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".lock"}  # the lock names its holder's pid
 
 
 def kill_once_group_is_done(ray_session, corpus, out, group: int) -> None:
@@ -85,3 +86,26 @@ def test_relative_inputs_are_read_from_any_working_directory(tmp_path, monkeypat
     files = discover(["corpus"])
     assert [f.path for f in files] == [str(tmp_path / "corpus" / f"doc{i:04d}.txt") for i in range(3)]
     assert [f.file_id for f in files] == [f"corpus/doc{i:04d}.txt" for i in range(3)]  # ids unchanged
+
+
+def test_an_output_folder_in_use_is_refused(tmp_path, ray_session):
+    """A second data_prep into a folder another one is still writing: refused, naming the holder,
+    before it touches anything (an earlier failed start would otherwise be replaced)."""
+    import socket
+
+    import pytest
+
+    from data_prep.manifest import lock_folder
+    from data_prep.run import JobFailed
+
+    corpus = write_txt_corpus(tmp_path / "corpus", make_docs(20, seed=3))
+    out = tmp_path / "out"
+    held, _ = lock_folder(out, "a test")
+    try:
+        with pytest.raises(JobFailed, match=rf"'{out}' is in use by another data_prep job \(host "
+                                            rf"{socket.gethostname()}, pid {os.getpid()}, since "):
+            run(["--input", corpus, "--out", out, *ARGS])
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        held.close()
+    assert run(["--input", corpus, "--out", out, *ARGS])["splits"]["train"]["samples"] > 0

@@ -53,6 +53,12 @@ def test_another_runs_checkpoint_starts_a_run_without_touching_that_run(markov_d
     assert (fork / "checkpoints" / "latest").read_text() == "step00000014"
     after = {p.relative_to(a): p.stat().st_mtime_ns for p in (a / "checkpoints").rglob("*") if p.is_file()}
     assert after == before and not (a / "checkpoints" / ckpt.ABANDONED).exists()
+    # the same command again (a requeue) continues the fork, not a second start from step 8
+    again = run_single(fork, markov_data, *args, "train.max_steps=16", "optim.lr=1e-4",
+                       resume=str(a / "checkpoints" / "step00000008"))
+    text = again.stdout + again.stderr
+    assert "already holds its own (newest step00000014): continuing those" in text and "resumed at step 14" in text
+    assert ckpt.complete_tags(fork / "checkpoints") == ["step00000014", "step00000016"]
     # its own step directory, spelled another way, is still its own: the newer step 10 is abandoned
     own = os.path.relpath(a / "checkpoints" / "step00000008", os.getcwd())
     out = run_single(a, markov_data, *args, "train.max_steps=9", resume=f"../{os.path.basename(os.getcwd())}/{own}")

@@ -139,6 +139,13 @@ def test_a_restart_before_the_first_checkpoint_continues_the_same_mlflow_run(mar
     out = run_single(tmp_path, markov_data, *FAST, "train.max_steps=4", "tracking.enabled=true")
     run = mlflow_run(tmp_path, out.stdout + out.stderr)  # exactly one run in the experiment
     assert run.info.status == "FINISHED"
+    # its params are the first start's; this start's config is beside them
+    from mlflow.tracking import MlflowClient
+
+    assert run.data.params["train.max_steps"] == "100000" and run.data.tags["mdlm.resumed_at_step"] == "0"
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "resumes/step00000000")] == \
+        ["resumes/step00000000/config.yaml"]
     assert not (tmp_path / "mlflow_run.json").exists()  # the checkpoints carry the run from here
 
 
