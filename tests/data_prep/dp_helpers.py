@@ -53,6 +53,13 @@ def run(argv: list) -> dict:
     return run_job(parse_run_args([str(a) for a in argv]))
 
 
+def tree_bytes(out: Path) -> dict:
+    """{relative path: bytes} of every file under a data_prep output, without the job lock (it names
+    its holder's host, pid and start time, which differ between otherwise identical runs)."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(Path(out).rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
 def read_samples(out: Path, split: str = "train") -> list[dict]:
     """All samples of a split through webdataset, in shard order: [{__key__, tokens.npy, (mask.npy)}]."""
     import webdataset as wds

@@ -11,7 +11,7 @@ import zstandard
 
 from data_prep.run import JobFailed
 from data_prep.verify import verify_dir
-from dp_helpers import make_docs, run
+from dp_helpers import make_docs, run, tree_bytes
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_group_plan_cuts_big_files_and_workers_never_change_the_output(tmp_path,
                    "--samples-per-shard", 30, "--num-workers", workers, "group_bytes=3000"])
         outs.append(out)
     assert man["groups"] == len(groups) and man["splits"]["train"]["documents"] + man["splits"]["val"]["documents"] == 119
-    tree = [{p.relative_to(o).as_posix(): p.read_bytes() for p in sorted(o.rglob("*")) if p.is_file()} for o in outs]
+    tree = [tree_bytes(o) for o in outs]
     assert tree[0] == tree[1]
     errors = [json.loads(x) for x in (outs[1] / "errors.jsonl").read_text().splitlines()]
     assert errors == [{"reason": "invalid_json", "where": "big/a.jsonl:18", "detail": errors[0]["detail"]}]

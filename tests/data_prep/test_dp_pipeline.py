@@ -12,12 +12,7 @@ from data_prep.manifest import ManifestError, load_manifest
 from data_prep.sources import clean_text, discover, plan_units
 from data_prep.verify import verify_dir
 from data_prep.worker import content_hash, is_val
-from dp_helpers import read_samples, run
-
-
-def _tree_bytes(out):
-    return {p.relative_to(out).as_posix(): p.read_bytes()
-            for p in sorted(out.rglob("*")) if p.is_file()}
+from dp_helpers import read_samples, run, tree_bytes
 
 
 def test_wrap_round_trip_detokenizes_each_document_in_order(wrap_out, small_docs, small_corpus):
@@ -87,7 +82,7 @@ def test_one_and_two_workers_give_identical_output(wrap_out, small_corpus, tmp_p
     run(["--input", small_corpus, "--out", out2, "--tokenizer", "train:400", "--seq-len", 64,
          "--val-fraction", 0.2, "--samples-per-shard", 50, "--num-workers", 2, "group_bytes=4000"])
     assert (wrap_out / "manifest.json").read_bytes() == (out2 / "manifest.json").read_bytes()
-    assert _tree_bytes(wrap_out) == _tree_bytes(out2)
+    assert tree_bytes(wrap_out) == tree_bytes(out2)
     man = load_manifest(out2)
     assert len(man["splits"]["train"]["shards"]) > 1
     assert "num_workers" not in man["job"] and "out" not in man["job"]

@@ -10,15 +10,10 @@ import sys
 import time
 
 from data_prep.verify import verify_dir
-from dp_helpers import REPO, make_docs, run, write_txt_corpus
+from dp_helpers import REPO, make_docs, run, tree_bytes, write_txt_corpus
 
 ARGS = ["--tokenizer", "train:300", "--seq-len", "32", "--val-fraction", "0.1", "--samples-per-shard", "20",
         "group_bytes=3000"]
-
-
-def _tree(out):
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != ".lock"}  # the lock names its holder's pid
 
 
 def kill_once_group_is_done(ray_session, corpus, out, group: int) -> None:
@@ -55,7 +50,7 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, ray_session, capsys)
     # (a task already running when the driver was killed may still have finished its group)
     m = re.search(r"resumed: (\d+) group\(s\) already done were skipped", log)
     assert m and done <= int(m.group(1)) < man["groups"], log[-3000:]
-    assert _tree(out) == _tree(ref)
+    assert tree_bytes(out) == tree_bytes(ref)
     assert verify_dir(out)[0] == []
     after = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-*.tar")}
     assert all(after[name] == t for name, t in before.items())  # completed shards were kept as they were
