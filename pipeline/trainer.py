@@ -251,9 +251,17 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         # before any model or engine is built: a second launch into a run_dir in use stops here
         self._run_dir_lock, held_by = lock_run_dir(self.run_dir) if self.rank == 0 else (None, None)
-        if not all_ranks_agree(held_by is None, self.device):
-            raise ConfigError(f"run_dir '{self.run_dir}' is in use by another training process ({held_by or 'see rank 0'}): "
-                              f"wait for it to end or stop it, or choose another run_dir")
+        try:
+            if not all_ranks_agree(held_by is None, self.device):
+                raise ConfigError(f"run_dir '{self.run_dir}' is in use by another training process "
+                                  f"({held_by or 'see rank 0'}): wait for it to end or stop it, or choose another run_dir")
+            self._build(cfg, resume)
+        except BaseException:  # a failed start in a long-lived process (a notebook) frees its run_dir
+            self._release_run_dir()
+            raise
+
+    def _build(self, cfg: RunConfig, resume: str | None) -> None:
+        """Everything a start builds once it holds the run_dir: model, engine, data, checkpoint, MLflow."""
         existing = complete_tags(self.run_dir / "checkpoints")
         if not all_ranks_agree(not (existing and _another_runs_checkpoint(resume, self.run_dir)), self.device):
             # the same command again (a requeue) after this run_dir was started from another run's
@@ -394,6 +402,9 @@ class Trainer:
 
             destroy()
         shutdown_distributed()
+        self._release_run_dir()
+
+    def _release_run_dir(self) -> None:
         if self._run_dir_lock is not None:
             self._run_dir_lock.close()
             self._run_dir_lock = None

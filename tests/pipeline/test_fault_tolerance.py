@@ -243,3 +243,38 @@ def mlflow_run(run_dir: Path, output: str = ""):
     runs = client.search_runs(experiment.experiment_id)
     assert len(runs) == 1
     return runs[0]
+
+
+FAILED_START = """
+import sys
+from pathlib import Path
+from pipeline.checkpoint import lock_run_dir
+from pipeline.config import load_run_config
+from pipeline.trainer import Trainer
+
+run_dir = Path(sys.argv[1])
+cfg = load_run_config("configs/train/tiny-test.yaml", [f"data.path={sys.argv[2]}", f"run_dir={run_dir}",
+                                                       "tracking.enabled=false", "model.vocab_size=99"])
+try:
+    Trainer(cfg)
+except Exception as err:
+    kept = err  # as a notebook keeps the last traceback, and with it the half-built trainer
+    print("START FAILED:", type(err).__name__, err)
+lock, holder = lock_run_dir(run_dir)
+print("RUN_DIR", "FREE" if lock is not None else f"HELD by {holder}")
+lock.close()
+cfg.model.vocab_size = 0
+trainer = Trainer(cfg)  # the corrected start, in the same process
+print("SECOND START HOLDS", lock_run_dir(run_dir)[1])
+trainer.close()
+"""
+
+
+def test_a_failed_start_frees_its_run_dir_in_the_same_process(markov_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", FAILED_START, str(tmp_path / "run"), str(markov_data)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "START FAILED: ConfigError model.vocab_size=99 but the data's manifest says" in out.stdout
+    assert "RUN_DIR FREE" in out.stdout
+    assert f"SECOND START HOLDS host {socket.gethostname()}, pid " in out.stdout
