@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# what a test process may hold that a training it starts must not inherit: its own launcher's or
+# process group's rendezvous (a fixed MASTER_PORT makes two concurrent trainings collide) and MLflow target
+CHILD_DROPS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI",
+               "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def child_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_DROPS}
+    env.update(extra)
+    return env
+
+
 def run_two_ranks(target, timeout: float) -> list:
     """target(rank, 2, port, queue) in 2 spawned processes; what each put on the queue, by rank."""
     ctx = mp.get_context("spawn")
@@ -46,7 +58,7 @@ def launch_train(run_dir: Path, data_dir: Path, *overrides: str, processes: int 
            *overrides]
     if resume:
         cmd += ["--resume", resume]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    env = child_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -68,12 +80,30 @@ def run_single(run_dir: Path, data_dir: Path, *overrides: str, resume: str | Non
            f"run_dir={run_dir}", *overrides]
     if resume:
         cmd += ["--resume", resume]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    env = child_env()
     env.update(env_extra or {})
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture
+def in_process_mlflow(monkeypatch):
+    """A Tracker (or mlflow's fluent API) in the test process sets MLflow's settings as environment
+    variables, which later tests' trainings would inherit, and the tests may set more: put it all
+    back afterwards."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    uri = mlflow.get_tracking_uri() if "MLFLOW_TRACKING_URI" in os.environ else None
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.setenv(key, "")  # recorded first, so teardown restores it, set or not
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    yield
+    mlflow.set_tracking_uri(uri)
 
 
 def logged_losses(output: str) -> dict[int, str]:

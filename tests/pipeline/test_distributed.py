@@ -13,7 +13,8 @@ def clean_env(monkeypatch):
     import os
 
     for name in [*TORCH_VARS, *(n for n in os.environ if n.startswith("SLURM_"))]:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so what _env_from_slurm sets is undone after the test
+        monkeypatch.delenv(name)
     return monkeypatch
 
 

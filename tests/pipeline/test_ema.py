@@ -102,10 +102,11 @@ def test_partitioned_ema_assembles_checkpoints_and_reloads_exactly():
         assert held < sum(torch.Size(s).numel() for s in SHAPES.values())  # a partition, not the whole
 
 
-def test_a_checkpoint_ema_that_does_not_match_is_refused():
+def test_a_checkpoint_ema_that_does_not_match_is_refused(monkeypatch):
     if dist.is_initialized():
         pytest.skip("needs a process without a default group")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         module, opt = build(0, 1)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import ROOT, launch_train, logged_losses, run_single
+from .conftest import ROOT, child_env, launch_train, logged_losses, run_single
 
 FAST = ("tracking.enabled=false", "train.log_every=1", "eval.max_batches=1", "sample.num_samples=1",
         "sample.steps=4")
@@ -21,7 +21,7 @@ def start_training(run_dir: Path, data: Path, *overrides: str, mlflow_uri: str |
     as users point it at a server, or else to the run dir's sqlite store, whatever this process has."""
     cmd = [sys.executable, "pipeline/train.py", "--config", "configs/train/tiny-test.yaml",
            f"data.path={data}", f"run_dir={run_dir}", *overrides]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    env = child_env()
     if mlflow_uri:
         env["MLFLOW_TRACKING_URI"] = mlflow_uri
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -56,7 +56,8 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run_and_sees_each_sample_o
                          "train.record_sample_keys=true", resume="auto")
     out = resumed.stdout + resumed.stderr
     restart = int(out.split("resumed at step ")[1].split()[0])
-    assert restart % 5 == 0 and restart <= kill_after
+    # the kill lands after "step N" is printed, a step and a checkpoint later at most on a busy machine
+    assert restart % 5 == 0 and restart <= kill_after + 5, (restart, kill_after)
     after = logged_losses(out)
     assert sorted(after) == list(range(restart + 1, steps + 1))
     for step, loss in after.items():  # bitwise on CPU: same data, same noise, same RNG
@@ -271,7 +272,7 @@ trainer.close()
 
 
 def test_a_failed_start_frees_its_run_dir_in_the_same_process(markov_data, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     out = subprocess.run([sys.executable, "-c", FAILED_START, str(tmp_path / "run"), str(markov_data)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -206,23 +206,6 @@ def test_system_sampler_reports_cpu_and_memory_through_the_tracker_queue():
     assert metrics["system/system_memory_usage_megabytes"] > 0
 
 
-@pytest.fixture
-def in_process_mlflow(monkeypatch):
-    """A Tracker in the test process sets MLflow's HTTP settings as environment variables, which
-    later tests' trainings would inherit, and the tests may set more: put it all back afterwards."""
-    import mlflow
-    import mlflow.tracking.fluent as fluent
-
-    uri = mlflow.get_tracking_uri() if "MLFLOW_TRACKING_URI" in os.environ else None
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
-        monkeypatch.setenv(key, "")  # recorded first, so teardown restores it, set or not
-        monkeypatch.delenv(key)
-    monkeypatch.setattr(fluent, "_active_experiment_id", None)
-    yield
-    mlflow.set_tracking_uri(uri)
-
-
 def test_a_call_that_keeps_failing_while_the_store_answers_is_dropped_not_retried_forever(tmp_path, in_process_mlflow):
     """An artifact store this node cannot write (missing credentials, a wrong root) must not hold
     back every metric queued behind the run's first artifact."""

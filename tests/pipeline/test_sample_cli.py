@@ -216,8 +216,10 @@ def test_bad_arguments_fail_before_any_work(ckpts, tmp_path, monkeypatch, capsys
     assert not (tmp_path / "x.json").exists()
 
 
-def test_bench_runs_end_to_end_and_prints_the_frontier(ckpts, tmp_path, capsys):
+def test_bench_runs_end_to_end_and_prints_the_frontier(ckpts, tmp_path, capsys, in_process_mlflow, monkeypatch):
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # mlflow's default artifact root is ./mlruns
 
     from bench.sampling import main
 

@@ -40,8 +40,10 @@ def one_process(markov_data, tmp_path_factory):
 def test_two_processes_match_one(markov_data, tmp_path, one_process, stage, extra):
     shm_before = deepspeed_shm_segments()
     out = launch_train(tmp_path, markov_data, *COMMON, f"train.zero_stage={stage}", *extra)  # 2 ranks x 4
-    # DeepSpeed's CPU all-reduce segments (~69 MB of RAM per rank) do not outlive the run
-    assert deepspeed_shm_segments() - shm_before == set()
+    # DeepSpeed's CPU all-reduce segments (~69 MB of RAM per rank) do not outlive the run (named
+    # by its port: trainings of the other test worker may hold theirs at this moment)
+    port = out.args[out.args.index("--master_port") + 1]
+    assert {name for name in deepspeed_shm_segments() - shm_before if name.endswith((f"_{port}_0", f"_{port}_1"))} == set()
     kind = "the ZeRO optimizer states" if stage == 2 else "the ZeRO-3 weights"
     assert f"partitioned like {kind} over 2 data-parallel ranks" in out.stdout + out.stderr
     two, one = metric_series(tmp_path), metric_series(one_process)
