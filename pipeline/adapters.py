@@ -136,3 +136,43 @@ def fuse_bf16_grad_update(engine) -> bool:
 
     opt.update_hp_grads = update_hp_grads
     return True
+
+
+def guard_non_finite_steps(engine) -> bool:
+    """Where DeepSpeed steps a plain torch optimizer (ZeRO-0 with fp32 weights: fp32 and
+    bf16-mixed), it applies every update, NaN gradients included, and reports no gradient norm.
+    Here the step is skipped (the schedule stays, as under ZeRO's own overflow check) when the
+    gradients' global norm is not finite, and that norm, before clipping, is what
+    get_global_grad_norm() reports. Returns False, changing nothing, where the optimizer checks
+    overflow itself."""
+    import math
+
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    opt = engine.optimizer
+    if hasattr(opt, "overflow"):
+        return False
+    inner_step, measured = opt.step, []
+
+    def with_grads() -> list:
+        return [p for p in engine.module.parameters() if p.grad is not None]
+
+    def clip_and_measure() -> None:  # what engine.clip_fp32_gradients does, keeping the norm it returns
+        measured.append(float(clip_grad_norm_(parameters=with_grads(), max_norm=engine.gradient_clipping(),
+                                              mpu=engine.mpu)))
+
+    def step(*args, **kwargs):
+        if not measured:  # no clipping configured: measure only
+            measured.append(float(clip_grad_norm_(parameters=with_grads(), max_norm=float("inf"), mpu=engine.mpu)))
+        norm = measured.pop()
+        measured.clear()
+        opt._global_grad_norm = norm
+        opt.overflow = not math.isfinite(norm)
+        if opt.overflow:
+            return None
+        return inner_step(*args, **kwargs)
+
+    engine.clip_fp32_gradients = clip_and_measure
+    opt.step = step
+    opt.overflow = False
+    return True

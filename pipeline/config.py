@@ -100,6 +100,13 @@ class TrainConfig:
             raise ConfigError("train.max_steps and train.global_batch_size must be >= 1")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError("train.ema must be in [0, 1)")
+        if self.log_every < 1 or self.max_bad_steps < 1:
+            raise ConfigError(f"train.log_every={self.log_every} and train.max_bad_steps={self.max_bad_steps} "
+                              f"must be >= 1")
+        for name in ("eval_every", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0 (0: "
+                                  f"{'keep every checkpoint' if name == 'keep_last' else 'only at the end'})")
         if not 0 <= self.exit_code_on_signal <= 255:
             raise ConfigError(f"train.exit_code_on_signal={self.exit_code_on_signal} must be an exit status in [0, 255]")
 

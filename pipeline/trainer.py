@@ -23,7 +23,7 @@ from model.tensor_parallel import strip_extra_state
 
 from . import metrics
 from .adapters import (apply_activation_checkpointing, attention_backend, compile_blocks, fuse_bf16_grad_update,
-                       plain_name, zero3_leaf_blocks)
+                       guard_non_finite_steps, plain_name, zero3_leaf_blocks)
 from .checkpoint import (DATA_MANIFEST, CheckpointManager, all_ranks_agree, complete_tags, config_differences,
                          lock_run_dir)
 from .config import RunConfig, corpus_split
@@ -105,7 +105,9 @@ def apply_optim_config(scheduler, cfg: RunConfig, log_changes: bool = False) -> 
         if scheduler.base_lrs[i] != o.lr:
             changed.add("optim.lr")
             scheduler.base_lrs[i] = o.lr
-            group["lr"] = o.lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        # the restored group LR is the old schedule's: a changed schedule (max_steps, warmup, ...)
+        # must set the next step's LR too, not only the steps after it
+        group["lr"] = scheduler.base_lrs[i] * scheduler.lr_lambdas[i](scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() tells
     if changed and log_changes:
         log.info("resumed with %s from the config (the checkpoint's optimizer had others)", ", ".join(sorted(changed)))
@@ -190,6 +192,7 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, device:
         config=ds_config, dist_init_required=False, mpu=mpu)
     if cfg.train.fuse_grad_update and fuse_bf16_grad_update(engine):
         log.info("fp32 gradients over bf16 weights: fused update (train.fuse_grad_update)")
+    guard_non_finite_steps(engine)
     if cfg.train.precision == "bf16-mixed" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
         raise ConfigError(f"train.precision=bf16-mixed needs DeepSpeed's torch_autocast (deepspeed "
                           f"{deepspeed.__version__} lacks it): upgrade deepspeed or use train.precision=bf16")
@@ -639,6 +642,7 @@ class Trainer:
         return (self.dp_world * self.grad_accum / total.clamp_min(1.0)).float()
 
     def train_step(self) -> dict:
+        lr = self.scheduler.optimizer.param_groups[0]["lr"]  # this step's; the schedule moves on at its end
         times, uniforms = self._step_noise() if self.is_mdlm else (None, None)
         mb = self.cfg.data.micro_batch_size
         # summed on the device: NCCL reduces no CPU tensors, and .cpu() per micro-step would sync
@@ -693,7 +697,7 @@ class Trainer:
             if self.ema:
                 self.ema.update(self.engine.module)
         grad_norm = self.engine.get_global_grad_norm()
-        return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+        return {"train/loss": loss, "train/lr": lr,
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "train/skipped_steps": self.skipped_steps, "train/epoch": self.stream.epochs_done()}
 

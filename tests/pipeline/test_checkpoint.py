@@ -98,6 +98,38 @@ def test_a_resume_applies_the_configs_optimizer_settings_at_the_restored_schedul
     assert opt.param_groups[0]["lr"] == 1e-4 * lr_lambda(cfg)(4)
 
 
+def test_a_resume_with_a_longer_schedule_runs_its_next_step_at_the_new_schedules_lr():
+    """The restored optimizer holds the LR the old schedule set for the next step; a changed
+    max_steps (or warmup, schedule, ...) must already set that step's LR."""
+    import copy
+
+    from pipeline.config import RunConfig
+    from pipeline.trainer import apply_optim_config, lr_lambda, param_groups
+
+    def build(cfg):
+        model = torch.nn.Linear(4, 4)
+        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.optim.lr)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    old = RunConfig()
+    old.optim.schedule, old.optim.warmup_steps, old.train.max_steps = "cosine", 0, 4
+    model, opt, sched = build(old)
+    for _ in range(3):
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        sched.step()
+    longer = copy.deepcopy(old)
+    longer.train.max_steps = 40
+    _, opt2, sched2 = build(longer)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == old.optim.lr * lr_lambda(old)(3)  # what the checkpoint brings
+    apply_optim_config(sched2, longer)
+    want = longer.optim.lr * lr_lambda(longer)(3)
+    assert want > 3 * old.optim.lr * lr_lambda(old)(3)
+    assert [g["lr"] for g in opt2.param_groups] == [want, want] and sched2.get_last_lr() == [want, want]
+
+
 def test_a_missing_shard_falls_back_to_the_previous_checkpoint(markov_data, tmp_path):
     """COMPLETE lists every rank's files with their sizes: a shard lost afterwards (an interrupted
     cleanup, a storage fault) makes that checkpoint damaged (with several ranks it used to read as a

@@ -137,3 +137,16 @@ def test_extra_evaluation_corpora_are_checked_before_any_work(markov_data, tmp_p
                                                        r"--seq-len 32")):
         with pytest.raises(ConfigError, match=message):
             load_run_config(None, [*base, override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.log_every=0", "train.log_every=0 and train.max_bad_steps=5 must be >= 1"),
+    ("train.max_bad_steps=0", "train.log_every=10 and train.max_bad_steps=0 must be >= 1"),
+    ("train.keep_last=-1", "train.keep_last=-1 must be >= 0 (0: keep every checkpoint)"),
+    ("train.checkpoint_every=-5", "train.checkpoint_every=-5 must be >= 0 (0: only at the end)"),
+])
+def test_train_cadences_out_of_range_are_refused(markov_data, override, message):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(None, [f"data.path={markov_data}", override])

@@ -1,6 +1,8 @@
 """Preemption, crashes, corrupt checkpoints and non-finite losses, with real DeepSpeed engines."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import signal
@@ -232,6 +234,27 @@ def test_non_finite_steps_are_skipped_then_abort_after_k_in_a_row(markov_data, t
     resumed = run_single(tmp_path / "c", markov_data, *FAST, "train.max_steps=20", "train.max_bad_steps=3",
                          env_extra={"MDLM_INJECT_NAN_STEPS": "6,7"}, resume="auto", check=False)
     assert resumed.returncode != 0 and "not finite for 3 steps in a row (last: step 7)" in resumed.stderr
+
+
+def test_zero0_with_fp32_weights_skips_a_non_finite_step_and_logs_each_steps_own_lr(markov_data, tmp_path):
+    """At ZeRO-0 with fp32 weights DeepSpeed steps the torch optimizer itself, which has no overflow
+    check: the project's guard skips the NaN step (weights, EMA and schedule untouched) and
+    reports the gradient norm. train/lr is the LR each step ran at (warmup 5, lr 3e-3)."""
+    out = run_single(tmp_path, markov_data, *FAST, "train.max_steps=8", "train.zero_stage=0",
+                     "train.checkpoint_every=0", env_extra={"MDLM_INJECT_NAN_STEPS": "3"})
+    text = out.stdout + out.stderr
+    assert text.count("update skipped") == 1 and "step 3: non-finite" in text
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r}
+    assert sorted(rows) == list(range(1, 9))
+    assert all(math.isfinite(rows[s]["train/loss"]) for s in rows if s != 3)
+    assert all(0 < rows[s]["train/grad_norm"] < 1e3 for s in rows if s != 3)
+    assert rows[8]["train/loss"] < rows[1]["train/loss"]
+    # warmup: steps 1, 2 at 1/5 and 2/5 of 3e-3; step 3 (skipped) and step 4 both at 3/5
+    lrs = {s: round(rows[s]["train/lr"], 10) for s in (1, 2, 3, 4, 5)}
+    assert lrs == {1: 6e-4, 2: 1.2e-3, 3: 1.8e-3, 4: 1.8e-3, 5: 2.4e-3}
+    summary = json.loads(text.split("TRAIN_SUMMARY ")[1].splitlines()[0])
+    assert summary["step"] == 8 and math.isfinite(summary["eval"]["ppl_bound"])  # the EMA took no NaN
 
 
 def mlflow_run(run_dir: Path, output: str = ""):
