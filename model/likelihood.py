@@ -12,7 +12,7 @@ from .mdlm import MDLM, AutoregressiveLM, eval_mode
 
 
 def antithetic_times(batch: int, k: int, eps: float, generator: torch.Generator | None, device) -> torch.Tensor:
-    """(batch, k) times; the k draws of each sequence are stratified over [eps, 1]."""
+    """(batch, k) values (times, or mask rates); the k draws of each sequence are stratified over [eps, 1]."""
     return _strata_times(torch.rand(batch, 1, generator=generator, dtype=torch.float64), k, eps, device)
 
 
@@ -55,24 +55,26 @@ def _masked_sum(nll: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 def mdlm_nelbo(model: MDLM, x0: torch.Tensor, k: int, generator: torch.Generator | None = None,
                valid: torch.Tensor | None = None, uniforms: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Continuous-time NELBO per sequence, E_t[w(t) sum_masked -log p(x0 | z_t)], averaged over k
-    stratified times in [eps, 1].
+    """Continuous-time NELBO per sequence, E_t[w(t) sum_masked -log p(x0 | z_t)], written in the
+    mask rate m = m(t) (w(t) dt = dm / m): (1/m) sum_masked -log p(x0 | z) averaged over k mask
+    rates stratified in [eps, 1], the time t(m) passed to a time-conditioned backbone.
 
-    Averaging over [eps, 1] instead of integrating over [0, 1] adds about eps * (mean integrand) and
-    drops the piece below m(eps) (about m(eps) * sum_l -log p(x^l | all other tokens)). For
-    log-linear (m(eps) = eps) and cosine (m(eps) ~ eps^2) the net is a small upward bias, as a bound
-    should err; the linear schedule (m(eps) ~ 7 eps) can end O(eps) below.
+    In m the bound is the same for every schedule. Averaging over [eps, 1] instead of integrating
+    over [0, 1] adds eps/(1 - eps) of the mean and drops the piece below eps, about
+    eps * sum_l -log p(x^l | all other tokens), which is smaller: the estimate errs upward, as a
+    bound should, by O(eps). (Drawn in t on [eps, 1], the linear schedule would drop the piece below
+    m(eps) ~ 7 eps and end below -log p.) For log-linear, m = t: the same draws as in t.
     Returns (mean over the k draws, conservative variance of that mean), both shaped (B,)."""
     if k < 1:
         raise ValueError(f"need k >= 1 time samples, got {k}")
     with eval_mode(model):
         u, noise = _uniforms(x0, k, generator, uniforms)
-        times = _strata_times(u, k, model.cfg.noise_eps, x0.device)
+        rates = _strata_times(u, k, model.cfg.noise_eps, x0.device)
         draws = []
         for j in range(k):
-            t = times[:, j]
-            nll, _ = model.token_nll(x0, t, generator, noise[j])
-            draws.append(model.schedule.weight(t).double() * _masked_sum(nll, valid).double())
+            m = rates[:, j]
+            nll, _ = model.token_nll(x0, model.schedule.time_of_mask_prob(m), generator, noise[j])
+            draws.append(_masked_sum(nll, valid).double() / m.double())
     return _mean_and_var(draws)
 
 

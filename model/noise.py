@@ -51,6 +51,17 @@ class NoiseSchedule(ABC):
         """Total noise -log(alpha_t): the timestep fed to a time-conditioned backbone."""
         return -torch.log(self.alpha(t))
 
+    @abstractmethod
+    def time_of_alpha(self, a: torch.Tensor) -> torch.Tensor:
+        """The t at which alpha_t = a (the inverse of alpha on [0, 1])."""
+
+    def time_of_mask_prob(self, m: torch.Tensor) -> torch.Tensor:
+        """The t at which m(t) = m, computed in float64: the likelihood bound draws mask rates and
+        needs the time only to condition a time-conditioned backbone."""
+        one = torch.ones((), dtype=torch.float64, device=m.device)
+        a = 1.0 - m.double() * (1.0 - self.alpha(one))
+        return self.time_of_alpha(a).clamp(0.0, 1.0).to(m.dtype)
+
 
 class LogLinear(NoiseSchedule):
     """1 - alpha_t = (1 - eps) t."""
@@ -69,6 +80,12 @@ class LogLinear(NoiseSchedule):
     def weight(self, t):
         return 1.0 / t
 
+    def time_of_alpha(self, a):
+        return (1.0 - a) / (1.0 - self.eps)
+
+    def time_of_mask_prob(self, m):
+        return m.clone()
+
 
 class Cosine(NoiseSchedule):
     """alpha_t = eps + (1 - eps) cos(pi t / 2)."""
@@ -81,6 +98,9 @@ class Cosine(NoiseSchedule):
     def alpha_prime(self, t):
         return -(1.0 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
+    def time_of_alpha(self, a):
+        return torch.arccos(((a - self.eps) / (1.0 - self.eps)).clamp(-1.0, 1.0)) * (2.0 / math.pi)
+
 
 class Linear(NoiseSchedule):
     """alpha_t = exp(-sigma(t)) with sigma linear in t from 0 to -log(eps)."""
@@ -92,6 +112,9 @@ class Linear(NoiseSchedule):
 
     def alpha_prime(self, t):
         return math.log(self.eps) * torch.exp(t * math.log(self.eps))
+
+    def time_of_alpha(self, a):
+        return torch.log(a) / math.log(self.eps)
 
 
 SCHEDULES = {cls.name: cls for cls in (LogLinear, Cosine, Linear)}

@@ -4,10 +4,10 @@ One entry point, `generate(model, num_samples, length, sampler=..., ...)`, picks
 functions below it can be called directly too.
 
 - "ancestral": T uniform steps from t = 1 to t = 0; a network call at every step.
-- "cached": the same draws, but the network output of a sample is reused while its tokens do not
-  change (valid only without time conditioning: a time-conditioned model never uses the cache).
-  The cache is per sample: a step runs the backbone on the sub-batch of samples whose tokens
-  changed, so each sample costs at most min(T, L) network evaluations.
+- "cached": the same draws, but a sample is run through the network only at the steps that
+  reveal some of its tokens: a step runs the backbone on that sub-batch, so each sample costs at
+  most min(T, L) network evaluations. Exact with time conditioning too (the output is computed at
+  the step's t, when it is used).
 - "semi-ar": blocks of `block_size` tokens generated one after the other; each block keeps the
   last `carry` tokens of what is already generated as a fixed prefix (carry-over), so the output
   can be longer than the training context.
@@ -196,15 +196,14 @@ class _Denoiser:
     """log p_theta(. | z) at chosen positions of chosen rows: one batched pass per call, on the
     sub-batch of rows asked for.
 
-    Caching without storing anything: with no time conditioning p_theta(. | z) depends on z only,
-    so a sample's output is needed, and computed, only at the steps that change that sample (a
-    step that changes nothing would reuse the previous output unchanged; evaluating lazily at the
-    next changing step gives the same numbers). Without the cache (or with time conditioning)
-    every step runs every sample that is still masked."""
+    Caching without storing anything: a sample's output is used only at the steps that reveal
+    some of its tokens (which positions a step reveals is drawn before the network runs), so only
+    those rows run, at the step's t: the numbers of the uncached sampler, time-conditioned or not.
+    Without the cache every step runs every sample that is still masked."""
 
     def __init__(self, model: MDLM, num_samples: int, use_cache: bool, counter: _Counter):
         self.model = model
-        self.cache_ok = use_cache and not model.cfg.time_conditioning
+        self.cache_ok = use_cache
         self.counter = counter
 
     def rows_to_run(self, pending: torch.Tensor, changing: torch.Tensor) -> torch.Tensor:
@@ -319,8 +318,8 @@ def mdlm_ancestral(model: MDLM, num_samples: int, length: int, steps: int, *,
     final="argmax" the steps end at eps instead and one more pass fills the few positions still
     masked with the argmax (the MDLM reference's noise removal). `prompt` (P <= length tokens)
     fixes the first P positions; [MASK] entries in it are left to the model (infilling); fixed
-    tokens are never changed. With `use_cache` and no time conditioning, a sample whose tokens a
-    step left unchanged reuses its network output: each sample takes part in at most
+    tokens are never changed. With `use_cache`, a sample that a step leaves unchanged is not run
+    at that step: each sample takes part in at most
     min(steps, length) passes (one more with final="argmax"), and the samples are exactly those
     of `use_cache=False` for the same generator."""
     check_sampler_args(sampler="cached", steps=steps, num_samples=num_samples, length=length,

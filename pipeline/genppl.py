@@ -8,9 +8,11 @@ Judges:
 
 Convention (recorded in every result): the first token of each sample is context only; the judge
 scores tokens 1..L-1 of each sample, so an AR sample (BOS + L-1 generated tokens) and an MDLM sample
-of the same length are scored on the same number of tokens. Gen-PPL = exp(total NLL / scored tokens).
-Entropy: the unigram entropy (nats) of each sample's tokens, averaged over samples (low-temperature
-or degenerate samplers lower it together with gen-PPL), and the entropy of all samples pooled.
+of the same length are scored on the same number of tokens. With a prompt or suffix only the
+generated tokens are scored (given everything before them): the given text is no sample quality.
+Gen-PPL = exp(total NLL / scored tokens). Entropy: the unigram entropy (nats) of each sample's
+generated tokens, averaged over samples (low-temperature or degenerate samplers lower it together
+with gen-PPL), and the entropy of all samples pooled.
 
 Samples written by `python -m pipeline.sample` are scored again, e.g. under another judge, with
     python -m pipeline.genppl PREFIX.json --judge AR_CKPT_OR_HF_DIR [--device auto] [--output FILE]
@@ -26,22 +28,40 @@ from pathlib import Path
 
 import torch
 
-JUDGE_CONVENTION = "tokens 1..L-1 of each sample scored given the tokens before them (token 0 is context)"
+JUDGE_CONVENTION = ("tokens 1..L-1 of each sample scored given the tokens before them (token 0 is context); "
+                    "with a prompt or suffix, the generated tokens only")
 
 
-def unigram_entropy(tokens: torch.Tensor) -> dict:
-    """Mean per-sample unigram entropy and the pooled entropy, in nats."""
+def unigram_entropy(tokens: torch.Tensor, scored: torch.Tensor | None = None) -> dict:
+    """Mean per-sample unigram entropy and the pooled entropy, in nats (of the `scored` tokens only
+    where given)."""
     tokens = torch.as_tensor(tokens).long().cpu()
     if tokens.dim() == 1:
         tokens = tokens[None]
+    if scored is not None:
+        rows = [row[keep] for row, keep in zip(tokens, scored.bool().cpu())]
+        per = [_entropy(row) for row in rows]
+        return {"entropy": sum(per) / len(per), "entropy_pooled": _entropy(torch.cat(rows))}
 
-    def entropy(row: torch.Tensor) -> float:
-        counts = torch.bincount(row).double()
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * p.log()).sum())
+    per = [_entropy(row) for row in tokens] if tokens.numel() else [0.0]
+    return {"entropy": sum(per) / len(per), "entropy_pooled": _entropy(tokens.reshape(-1)) if tokens.numel() else 0.0}
 
-    per = [entropy(row) for row in tokens] if tokens.numel() else [0.0]
-    return {"entropy": sum(per) / len(per), "entropy_pooled": entropy(tokens.reshape(-1)) if tokens.numel() else 0.0}
+
+def _entropy(row: torch.Tensor) -> float:
+    if not row.numel():
+        return 0.0
+    counts = torch.bincount(row).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def scored_mask(tokens: torch.Tensor, positions: list[int] | None) -> torch.Tensor | None:
+    """(N, L) bool of the positions a judge scores: the generated ones (None: all but token 0)."""
+    if positions is None:
+        return None
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[:, [p for p in positions if 0 < p < tokens.shape[1]]] = True
+    return mask
 
 
 class ProjectJudge:
@@ -58,7 +78,8 @@ class ProjectJudge:
         self.model, self.name, self.tokenizer_sha = model, name, tokenizer_sha
 
     @torch.no_grad()
-    def nll(self, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 32) -> tuple[float, int]:
+    def nll(self, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 32,
+            scored: torch.Tensor | None = None, pieces: list[tuple[str, str]] | None = None) -> tuple[float, int]:
         from model.likelihood import ar_nll
         from model.mdlm import model_device
 
@@ -72,8 +93,10 @@ class ProjectJudge:
         device = model_device(self.model)
         total = 0.0
         for i in range(0, tokens.shape[0], batch_size):
-            total += float(ar_nll(self.model, tokens[i:i + batch_size].to(device)).sum())
-        return total, tokens.shape[0] * (tokens.shape[1] - 1)
+            valid = scored[i:i + batch_size].to(device) if scored is not None else None
+            total += float(ar_nll(self.model, tokens[i:i + batch_size].to(device), valid).sum())
+        count = int(scored[:, 1:].sum()) if scored is not None else tokens.shape[0] * (tokens.shape[1] - 1)
+        return total, count
 
 
 class HFJudge:
@@ -94,20 +117,33 @@ class HFJudge:
         self.device = device
 
     @torch.no_grad()
-    def nll(self, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 8) -> tuple[float, int]:
-        if texts is None:
+    def nll(self, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 8,
+            scored: torch.Tensor | None = None, pieces: list[tuple[str, str]] | None = None) -> tuple[float, int]:
+        """Scores decoded texts; with `scored` (a prompt or suffix), `pieces` gives each sample as
+        (the text before its first generated token, the generated text through its last), and
+        the judge scores the second given the first."""
+        if scored is not None and pieces is None:
+            raise ValueError("a Hugging Face judge scores the generated text of prompted samples from their "
+                             "context and generated pieces, which these samples lack: sample them again")
+        if scored is None and texts is None:
             raise ValueError("a Hugging Face judge scores decoded texts: pass texts")
         total, count = 0.0, 0
-        for text in texts:
-            ids = self.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
-            if ids.shape[1] < 2:
+        max_len = getattr(self.model.config, "max_position_embeddings", None)
+        for item in (pieces if scored is not None else texts):
+            if scored is not None:
+                context = self.tokenizer(item[0]).input_ids if item[0] else []
+                target = self.tokenizer(item[1], add_special_tokens=False).input_ids
+                ids, first = context + target, max(len(context), 1)
+            else:
+                ids, first = self.tokenizer(item).input_ids, 1
+            ids = ids[:max_len] if max_len else ids
+            if len(ids) <= first:
                 continue
-            max_len = getattr(self.model.config, "max_position_embeddings", None) or ids.shape[1]
-            ids = ids[:, :max_len]
-            logits = self.model(ids).logits[:, :-1].float()
+            ids = torch.tensor([ids], device=self.device)
+            logits = self.model(ids).logits[:, first - 1:-1].float()
             total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                             ids[:, 1:].reshape(-1), reduction="sum"))
-            count += ids.shape[1] - 1
+                                                             ids[:, first:].reshape(-1), reduction="sum"))
+            count += ids.shape[1] - first
         return total, count
 
 
@@ -178,23 +214,33 @@ def load_judge(path: str | Path, device="cpu", use_ema: bool = True):
     return ProjectJudge(loaded.model, str(loaded.path), tokenizer_sha(loaded.config))
 
 
-def gen_ppl(judge, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 32) -> dict:
-    total, count = judge.nll(tokens, texts, batch_size)
+def gen_ppl(judge, tokens: torch.Tensor, texts: list[str] | None = None, batch_size: int = 32,
+            scored: torch.Tensor | None = None, pieces: list[tuple[str, str]] | None = None) -> dict:
+    """`scored` (N, L): the generated positions (None: all but token 0); `pieces`: see HFJudge.nll."""
+    total, count = judge.nll(tokens, texts, batch_size, scored=scored, pieces=pieces)
     if count == 0:
         raise ValueError("no tokens to score")
     return {"gen_ppl": math.exp(total / count), "gen_nll": total / count, "judge_tokens": count,
             "judge": judge.name, "judge_kind": judge.kind, "judge_convention": JUDGE_CONVENTION}
 
 
-def evaluate_samples(tokens: torch.Tensor, judge=None, texts: list[str] | None = None, batch_size: int = 32) -> dict:
-    out = unigram_entropy(tokens)
+def evaluate_samples(tokens: torch.Tensor, judge=None, texts: list[str] | None = None, batch_size: int = 32,
+                     scored: torch.Tensor | None = None, pieces: list[tuple[str, str]] | None = None) -> dict:
+    out = unigram_entropy(tokens, scored)
     if judge is not None:
-        out.update(gen_ppl(judge, tokens, texts, batch_size))
+        out.update(gen_ppl(judge, tokens, texts, batch_size, scored=scored, pieces=pieces))
     return out
 
 
-def read_samples(path: str | Path) -> tuple[dict, torch.Tensor, list[str]]:
-    """(stats, token ids (N, L), texts) of the samples behind PREFIX, PREFIX.json or PREFIX.jsonl."""
+def sample_pieces(rows: list[dict]) -> list[tuple[str, str]] | None:
+    """(context text, generated text) of each sample row, where pipeline.sample wrote them."""
+    if not rows or any("generated_text" not in row for row in rows):
+        return None
+    return [(str(row["context_text"]), str(row["generated_text"])) for row in rows]
+
+
+def read_samples(path: str | Path) -> tuple[dict, torch.Tensor, list[str], list[dict]]:
+    """(stats, token ids (N, L), texts, rows) of the samples behind PREFIX, PREFIX.json or PREFIX.jsonl."""
     from .sample import output_prefix
 
     prefix = output_prefix(str(path))
@@ -205,12 +251,13 @@ def read_samples(path: str | Path) -> tuple[dict, torch.Tensor, list[str]]:
         raise FileNotFoundError(f"{rows_file} not found: it holds the samples' token ids, which pipeline.sample "
                                 "writes next to PREFIX.json (samples from before it need sampling again)")
     stats = json.loads(stats_file.read_text())
-    tokens, texts = [], []
+    tokens, texts, rows = [], [], []
     for number, line in enumerate(rows_file.read_text().splitlines(), 1):
         try:
             row = json.loads(line)
             tokens.append([int(t) for t in row["tokens"]])
             texts.append(str(row["text"]))
+            rows.append(row)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{rows_file} line {number} is not a sample ({{\"tokens\": [...], \"text\": ...}}): "
                              f"{type(err).__name__}: {err}") from err
@@ -218,7 +265,7 @@ def read_samples(path: str | Path) -> tuple[dict, torch.Tensor, list[str]]:
         raise ValueError(f"{rows_file} holds no samples")
     if len({len(row) for row in tokens}) != 1:
         raise ValueError(f"{rows_file}: samples of different lengths; score each pipeline.sample output on its own")
-    return stats, torch.tensor(tokens, dtype=torch.long), texts
+    return stats, torch.tensor(tokens, dtype=torch.long), texts, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = resolve_device(args.device)
-        stats, tokens, texts = read_samples(args.samples)
+        stats, tokens, texts, rows = read_samples(args.samples)
         if args.judge:
             if "tokenizer" not in stats:
                 raise ValueError(f"{args.samples} names no tokenizer: pass the PREFIX.json that pipeline.sample wrote")
@@ -263,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded = load_checkpoint_model(args.judge, use_ema=not args.no_ema, device=device)
             judge = ProjectJudge(loaded.model, str(loaded.path), tokenizer_sha(loaded.config))
     result = {"samples": str(args.samples), "num_samples": tokens.shape[0], "length": tokens.shape[1],
-              **evaluate_samples(tokens, judge, texts, args.batch_size)}
+              **evaluate_samples(tokens, judge, texts, args.batch_size,
+                                 scored=scored_mask(tokens, stats.get("generated_positions")), pieces=sample_pieces(rows))}
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")

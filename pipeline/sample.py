@@ -243,20 +243,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_at_eos:
         eos_id, first = int(manifest["tokenizer"]["eos_id"]), 1 + len(prompt)
         shown = [tok.decode(until_eos(row.tolist(), first, eos_id), skip_special_tokens=False) for row in tokens]
+    # what the model generated (a judge scores only those): [MASK] positions of the canvas, or
+    # those after BOS + prompt for AR; None without a prompt or suffix (every position)
+    if canvas is None:
+        generated = None
+    elif objective == "mdlm":
+        generated = (canvas == model.mask_id).nonzero().squeeze(1).tolist()
+    else:
+        generated = list(range(1 + len(prompt), length))
+    rows = [{"tokens": row, "text": text} for row, text in zip(tokens.tolist(), texts)]
+    if generated:  # the pieces a judge with another tokenizer scores: the context, then what follows it
+        for row in rows:
+            ids = row["tokens"]
+            row["context_text"] = tok.decode(ids[:generated[0]], skip_special_tokens=False)
+            row["generated_text"] = tok.decode(ids[generated[0]:generated[-1] + 1], skip_special_tokens=False)
     _with(prefix, ".json").unlink(missing_ok=True)  # an earlier run's stats must not pair with these samples
     _with(prefix, ".txt").write_text("\n\n=====\n\n".join(shown) + "\n")
-    _with(prefix, ".jsonl").write_text("".join(json.dumps({"tokens": row, "text": text}) + "\n"
-                                               for row, text in zip(tokens.tolist(), texts)))
-    from .genppl import evaluate_samples, load_judge
+    _with(prefix, ".jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    from .genppl import evaluate_samples, load_judge, sample_pieces, scored_mask
 
     judge = load_judge(args.judge, args.device) if args.judge else None
-    quality = evaluate_samples(tokens, judge, texts)
+    quality = evaluate_samples(tokens, judge, texts, scored=scored_mask(tokens, generated), pieces=sample_pieces(rows))
     stats = {"checkpoint": str(loaded.path), "weights": loaded.weights, "objective": objective,
              "sampler": args.sampler if objective == "mdlm" else ("ar-kv" if args.sampler != "ancestral" else "ar"),
              "steps": args.steps, "block_size": block_size if args.sampler == "semi-ar" else None,
              "carry": carry if args.sampler == "semi-ar" else None, "top_p": args.top_p, "temperature": args.temperature, "seed": args.seed,
              "final": args.final, "num_samples": args.num_samples, "length": length,
              "prompt_tokens": len(prompt), "suffix_tokens": len(suffix), "stop_at_eos": args.stop_at_eos,
+             "generated_positions": generated,
              **result.stats(),
              "wall_s": wall, "tokens_per_s": args.num_samples * length / wall, "device": str(args.device),
              "precision": precision, **quality}

@@ -125,3 +125,14 @@ def test_per_sequence_antithetic_times_cover_their_strata():
     assert t.shape == (32, 5)
     assert torch.equal(_strata(t, 5), torch.arange(5).expand(32, 5))
     assert len(set(t[:, 0].tolist())) == 32  # each sequence has its own offset
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("eps", [1e-3, 0.05])
+def test_time_of_mask_prob_inverts_the_mask_rate(name, eps):
+    sched = make_schedule(name, eps)
+    m = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+    t = sched.time_of_mask_prob(m)
+    assert t.dtype == torch.float64 and t.min() >= 0 and t.max() <= 1
+    torch.testing.assert_close(sched.mask_prob(t), m, rtol=0, atol=1e-9)
+    assert torch.all(t[1:] > t[:-1])  # increasing: more masking is later

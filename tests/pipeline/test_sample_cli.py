@@ -121,6 +121,28 @@ def test_prompt_and_suffix_are_kept_and_semi_ar_goes_past_the_context(ckpts, tmp
     assert all(len(words(t)) == 80 and words(t)[:3] == ["t0", "t9", "t9"] for t in texts)
 
 
+def test_the_judge_scores_only_what_was_generated_given_what_precedes_it(ckpts, tmp_path):
+    import math
+
+    from model.likelihood import ar_nll
+    from pipeline.genppl import load_judge
+
+    stats, _ = sample(ckpts["mdlm"], tmp_path, "infill", "--steps", "8", "--num-samples", "3", "--length", "20",
+                      "--prompt", "t3 t5 [MASK] t7", "--suffix", "t1 t2", "--judge", str(ckpts["ar"]))
+    generated = [3, *range(5, 18)]  # BOS t3 t5 [MASK] t7 ... t1 t2: the infilled slot and the middle
+    assert stats["generated_positions"] == generated and stats["judge_tokens"] == 3 * len(generated)
+    rows = [json.loads(line) for line in (tmp_path / "infill.jsonl").read_text().splitlines()]
+    tokens = torch.tensor([r["tokens"] for r in rows])
+    valid = torch.zeros_like(tokens, dtype=torch.bool)
+    valid[:, generated] = True
+    judge = load_judge(ckpts["ar"])
+    want = math.exp(float(ar_nll(judge.model, tokens, valid).sum()) / (3 * len(generated)))
+    assert stats["gen_ppl"] == pytest.approx(want, rel=1e-6)
+    for r in rows:  # the pieces a judge with its own tokenizer scores: the middle given the start
+        assert words(r["context_text"]) == ["t0", "t3", "t5"]
+        assert words(r["generated_text"]) == [f"t{i}" for i in r["tokens"][3:18]]
+
+
 def test_ar_checkpoint_decodes_with_the_kv_cache(ckpts, tmp_path):
     args = ("--num-samples", "2", "--length", "20", "--seed", "3", "--prompt", "t4 t4")
     kv, a = sample(ckpts["ar"], tmp_path, "kv", *args)
@@ -167,6 +189,37 @@ def test_a_hugging_face_judge_needs_transformers(tmp_path):
     else:
         pytest.skip("transformers is installed: the HF judge needs a real model directory (not tested here)")
     assert HFJudge.kind == "huggingface"
+
+
+def test_a_hugging_face_judge_scores_the_generated_piece_given_its_context():
+    """HFJudge's bookkeeping with a stand-in tokenizer and a uniform causal LM (a narrow unit test:
+    no transformers model here): every scored token costs log V, so counts show what is scored."""
+    import math
+    from types import SimpleNamespace
+
+    from pipeline.genppl import HFJudge, gen_ppl
+
+    vocab = 7
+
+    def tokenizer(text, add_special_tokens=True):
+        ids = [int(w[1:]) for w in text.split()]
+        return SimpleNamespace(input_ids=([6] if add_special_tokens else []) + ids)  # 6: a BOS it adds
+
+    judge = object.__new__(HFJudge)
+    judge.name, judge.device, judge.tokenizer = "stand-in", "cpu", tokenizer
+    judge.model = lambda ids: SimpleNamespace(logits=torch.zeros(*ids.shape, vocab))
+    judge.model.config = SimpleNamespace(max_position_embeddings=None)
+    tokens = torch.zeros(2, 6, dtype=torch.long)
+    whole = gen_ppl(judge, tokens, ["t1 t2 t3", "t4 t5"])
+    assert whole["judge_tokens"] == 3 + 2 and whole["gen_ppl"] == pytest.approx(vocab)  # BOS + text, BOS is context
+    scored = torch.zeros(2, 6, dtype=torch.bool)
+    scored[:, 3:5] = True
+    pieces = [("t1 t2", "t3 t4"), ("", "t5 t1 t2")]
+    part = gen_ppl(judge, tokens, None, scored=scored, pieces=pieces)
+    # the first: BOS t1 t2 are context, t3 t4 scored; the second has no context: its first token is
+    assert part["judge_tokens"] == 2 + 2 and part["gen_nll"] == pytest.approx(math.log(vocab))
+    with pytest.raises(ValueError, match="lack: sample them again"):
+        gen_ppl(judge, tokens, ["t1"], scored=scored)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -386,6 +439,8 @@ def test_stop_at_eos_and_genppl_scores_saved_samples_again(ckpts, tmp_path, caps
                           "--prompt", "t3", "--stop-at-eos", "--judge", str(ckpts["ar"]))
     rows = [json.loads(line) for line in (tmp_path / "cut.jsonl").read_text().splitlines()]
     assert stats["stop_at_eos"] and stats["tokenizer"]["eos_id"] == 0 and len(rows) == 4
+    # BOS + prompt are given, not generated: the judge scores the 30 tokens after them
+    assert stats["generated_positions"] == list(range(2, 32)) and stats["judge_tokens"] == 4 * 30
     cut_somewhere = False
     for text, row in zip(texts, rows):
         assert len(row["tokens"]) == 32 and words(row["text"]) == [f"t{i}" for i in row["tokens"]]
