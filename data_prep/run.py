@@ -422,6 +422,9 @@ def _run_locked(cfg: DataPrepConfig, out: Path, files, groups, group_bytes: int,
     share = dropped / max(tokens_in + good, 1)
     lines.append(f"  dropped tail tokens: {dropped} ({share:.3%} of the tokenized stream, one tail per group "
                  "and split)" + (f", truncated tokens: {truncated}" if cfg.packing == "pad" else ""))
+    if share > 0.02:
+        lines.append(f"  note: {share:.1%} of the tokens were dropped as group tails; fewer, larger groups "
+                     f"(group_bytes={group_bytes} now) drop fewer")
     skipped = ", ".join(f"{r}={n}" for r, n in manifest["skipped"].items()) or "none"
     lines.append(f"  skipped: {skipped}" + (" (examples in errors.jsonl)" if bad.examples else ""))
     if reused or kept:

@@ -1,14 +1,14 @@
 """Input discovery, the plan of work groups and document reading with per-record error accounting.
 
-A *group* is the unit of work of one worker: a run of consecutive .txt files, a line-aligned byte
-range of a plain .jsonl file, a run of parquet row groups or Arrow record batches, or one
-compressed .jsonl file. The plan depends only on the input files and `group_bytes`, never on the
-number of workers or on how Ray schedules them; each group is packed and written on its own, so
-the output is a function of the inputs and the job config.
+A *group* is the unit of work of one worker: a run of consecutive whole files (of any kind), or
+a piece of a file too large for one group: a line-aligned byte range of a plain .jsonl file, a
+run of parquet row groups or Arrow record batches. The plan depends only on the input files and
+`group_bytes`, never on the number of workers or on how Ray schedules them; each group is packed
+and written on its own, so the output is a function of the inputs and the job config.
 
 Inputs: .txt (one document per file), .jsonl / .jsonl.gz / .jsonl.zst, .parquet, and Hugging Face
 datasets saved with `save_to_disk` (a folder with state.json + *.arrow files, or a DatasetDict
-folder with dataset_dict.json and one such folder per split). The saved Arrow files are read with
+folder with dataset_dict.json and one such folder per split, of which the 'train' split is read). The saved Arrow files are read with
 pyarrow; the `datasets` package is not needed.
 
 Documents are (doc_id, text). doc ids are stable: `<input name>/<relative path>` for files found
@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,18 +56,26 @@ class InputFile:
 
 def _hf_dataset_files(folder: Path) -> list[Path] | None:
     """The Arrow files of a Hugging Face dataset saved with save_to_disk, in their order, or None
-    when the folder is not one. A DatasetDict gives the files of its splits in the listed order."""
+    when the folder is not one. Of a DatasetDict, its 'train' split only: its validation and test
+    splits are held-out text, which must not end up in the training shards (the val split here
+    comes from --val-fraction; pass a split's own folder to prepare that split)."""
     if (folder / HF_DICT).is_file():
         try:
-            splits = json.loads((folder / HF_DICT).read_text(encoding="utf-8"))["splits"]
+            splits = list(json.loads((folder / HF_DICT).read_text(encoding="utf-8"))["splits"])
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{folder / HF_DICT}: not a readable dataset_dict.json ({err})") from None
-        files: list[Path] = []
-        for split in splits:
-            sub = _hf_dataset_files(folder / split)
-            if sub is None:
-                raise ConfigError(f"{folder}: split '{split}' listed in {HF_DICT} is not a saved dataset folder")
-            files.extend(sub)
+        if "train" not in splits:
+            raise ConfigError(f"{folder} is a saved DatasetDict without a 'train' split (splits: "
+                              f"{', '.join(map(str, splits)) or 'none'}): pass the folder of the split to "
+                              f"prepare, e.g. --input {folder / str(splits[0]) if splits else folder}")
+        files = _hf_dataset_files(folder / "train")
+        if files is None:
+            raise ConfigError(f"{folder}: split 'train' listed in {HF_DICT} is not a saved dataset folder")
+        others = [str(split) for split in splits if split != "train"]
+        if others:
+            logging.getLogger(__name__).warning(
+                "%s is a DatasetDict: reading its 'train' split only, not %s (held-out text; pass a split's "
+                "folder as --input to prepare it)", folder, ", ".join(others))
         return files
     if (folder / HF_STATE).is_file():
         try:
@@ -219,10 +228,12 @@ def _arrow_ranges(path: str, group_bytes: int) -> list[tuple[int, int, int]]:
 
 
 def plan_units(files: list[InputFile], group_bytes: int) -> list[dict]:
-    """The plan of work groups, in input order: runs of .txt files up to ~group_bytes, line-aligned
-    byte ranges of plain .jsonl files, runs of parquet row groups or Arrow record batches, one group
-    per compressed jsonl file. Depends only on the files and group_bytes; each group is packed into
-    its own shards, so the plan (not the number of workers) decides the output."""
+    """The plan of work groups, in input order: runs of consecutive whole files (any kinds) up to
+    ~group_bytes, and the pieces of files too large for one group: line-aligned byte ranges of
+    plain .jsonl files, runs of parquet row groups or Arrow record batches. Every group packs on
+    its own and drops its last partial sequence, so small files are never groups of their own.
+    Depends only on the files and group_bytes: the plan (not the number of workers) decides the
+    output. A group of one kind of file says so in "kind"; a mixed one lists "kinds" per file."""
     units: list[dict] = []
     run: list[InputFile] = []
     run_bytes = 0
@@ -230,35 +241,35 @@ def plan_units(files: list[InputFile], group_bytes: int) -> list[dict]:
     def flush():
         nonlocal run, run_bytes
         if run:
-            units.append({"kind": "txt", "files": [(f.path, f.file_id) for f in run], "bytes": run_bytes})
+            unit = {"kind": run[0].kind, "files": [(f.path, f.file_id) for f in run], "bytes": run_bytes}
+            if any(f.kind != run[0].kind for f in run):
+                unit.update(kind="mixed", kinds=[f.kind for f in run])
+            units.append(unit)
             run, run_bytes = [], 0
 
     for f in files:
-        if f.kind == "txt":
-            run.append(f)
-            run_bytes += f.size
-            if run_bytes >= group_bytes:
-                flush()
-        else:
-            flush()
-            unit = {"kind": f.kind, "files": [(f.path, f.file_id)], "bytes": f.size}
-            if f.kind == "jsonl" and f.path.lower().endswith(".jsonl") and f.size > 2 * group_bytes:
-                for start, end, line in _jsonl_ranges(f.path, group_bytes):
-                    units.append(dict(unit, bytes=end - start, range=[start, end, line]))
-            elif f.kind == "parquet" and f.size > 2 * group_bytes:
+        unit = {"kind": f.kind, "files": [(f.path, f.file_id)], "bytes": f.size}
+        pieces: list[dict] = []
+        if f.size > 2 * group_bytes:
+            if f.kind == "jsonl" and f.path.lower().endswith(".jsonl"):
+                pieces = [dict(unit, bytes=end - start, range=[start, end, line])
+                          for start, end, line in _jsonl_ranges(f.path, group_bytes)]
+            elif f.kind == "parquet":
                 ranges = _parquet_ranges(f.path, group_bytes)
-                for groups, first_row in ranges:
-                    units.append(dict(unit, bytes=f.size // max(len(ranges), 1), row_groups=[groups, first_row]))
-                if not ranges:
-                    units.append(unit)
-            elif f.kind == "arrow" and f.size > 2 * group_bytes:
+                pieces = [dict(unit, bytes=f.size // len(ranges), row_groups=[groups, first_row])
+                          for groups, first_row in ranges]
+            elif f.kind == "arrow":
                 ranges = _arrow_ranges(f.path, group_bytes)
-                for first, n, first_row in ranges:
-                    units.append(dict(unit, bytes=f.size // max(len(ranges), 1), batches=[first, n, first_row]))
-                if not ranges:
-                    units.append(unit)
-            else:
-                units.append(unit)
+                pieces = [dict(unit, bytes=f.size // len(ranges), batches=[first, n, first_row])
+                          for first, n, first_row in ranges]
+        if pieces:
+            flush()
+            units.extend(pieces)
+            continue
+        run.append(f)  # whole: a small file, a compressed jsonl, or one that cannot be cut
+        run_bytes += f.size
+        if run_bytes >= group_bytes:
+            flush()
     flush()
     for i, u in enumerate(units):
         u["index"] = i
@@ -524,14 +535,15 @@ def _iter_arrow(path: str, file_id: str, cfg: dict, bad: BadRecords,
 
 def iter_unit_documents(unit: dict, cfg: dict, bad: BadRecords) -> Iterator[tuple[str, str]]:
     """Yield (doc_id, cleaned text) for a unit in input order; bad records go to `bad`."""
-    for path, file_id in unit["files"]:
-        if unit["kind"] == "txt":
+    kinds = unit.get("kinds") or [unit["kind"]] * len(unit["files"])
+    for (path, file_id), kind in zip(unit["files"], kinds):
+        if kind == "txt":
             yield from _iter_txt(path, file_id, cfg["max_doc_chars"], bad)
-        elif unit["kind"] == "jsonl":
+        elif kind == "jsonl":
             yield from _iter_jsonl(path, file_id, cfg, bad, unit.get("range"))
-        elif unit["kind"] == "parquet":
+        elif kind == "parquet":
             yield from _iter_parquet(path, file_id, cfg, bad, unit.get("row_groups"))
-        elif unit["kind"] == "arrow":
+        elif kind == "arrow":
             yield from _iter_arrow(path, file_id, cfg, bad, unit.get("batches"))
         else:  # pragma: no cover - discover() only makes the kinds above
-            raise ValueError(f"unknown unit kind {unit['kind']}")
+            raise ValueError(f"unknown file kind {kind}")

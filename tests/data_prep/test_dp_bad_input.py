@@ -211,3 +211,33 @@ def test_group_plan_cuts_big_files_and_workers_never_change_the_output(tmp_path,
     errors = [json.loads(x) for x in (outs[1] / "errors.jsonl").read_text().splitlines()]
     assert errors == [{"reason": "invalid_json", "where": "big/a.jsonl:18", "detail": errors[0]["detail"]}]
     assert verify_dir(outs[0])[0] == []
+
+
+def test_small_files_of_any_kind_share_groups_and_lose_no_val_split(tmp_path, ray_session):
+    """Each group drops its last partial sequence: small jsonl/parquet files must not be groups of
+    their own (200 small jsonl files used to give 200 groups and an empty val split)."""
+    from data_prep.sources import BadRecords, discover, iter_unit_documents, plan_units
+
+    d = tmp_path / "small"
+    d.mkdir()
+    docs = make_docs(236, seed=41, lo=200, hi=400)
+    for i in range(200):
+        (d / f"{i:03d}.jsonl").write_text(json.dumps({"text": docs[i]}) + "\n")
+    for i in range(200, 230):
+        (d / f"{i:03d}.txt").write_text(docs[i])
+    pq.write_table(pa.table({"text": docs[230:]}), d / "230.parquet")
+    files = discover([str(d)])
+    groups = plan_units(files, 20_000)
+    total = sum(f.size for f in files)
+    assert len(files) == 231 and len(groups) <= total // 20_000 + 1 and sum(g["bytes"] for g in groups) == total
+    mixed = [g for g in groups if g["kind"] == "mixed"]
+    assert mixed and all(len(g["kinds"]) == len(g["files"]) for g in mixed)
+    bad = BadRecords()
+    texts = [t for g in groups for _, t in iter_unit_documents(g, {"text_field": "text", "max_doc_chars": 10**7}, bad)]
+    assert texts == [t.strip() for t in docs] and bad.counts == {}
+    man = run(["--input", d, "--out", tmp_path / "o", "--tokenizer", "train:300", "--seq-len", 128,
+               "--val-fraction", 0.1, "group_bytes=20000"])
+    assert man["groups"] == len(groups)
+    assert man["splits"]["val"]["samples"] > 0
+    kept = sum(man["splits"][s]["tokens"] for s in ("train", "val"))
+    assert man["dropped_tail_tokens"] < 0.1 * kept

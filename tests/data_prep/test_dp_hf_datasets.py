@@ -12,6 +12,7 @@ import pytest
 
 from data_prep.sources import BadRecords, discover, iter_unit_documents, plan_units
 from data_prep.verify import verify_dir
+from pipeline.configtools import ConfigError
 from dp_helpers import make_docs, run
 
 try:  # pragma: no cover - depends on the environment
@@ -70,27 +71,42 @@ def hf_corpus(tmp_path_factory):
     return root, docs
 
 
-def test_saved_datasets_are_discovered_in_order(hf_corpus):
+def test_saved_datasets_are_discovered_in_order(hf_corpus, caplog):
     root, docs = hf_corpus
-    files = discover([str(root)])
+    with caplog.at_level("WARNING", logger="data_prep.sources"):
+        files = discover([str(root)])
+    assert "reading its 'train' split only, not validation" in caplog.text
     ids = [f.file_id for f in files]
     arrow = [f for f in files if f.kind == "arrow"]
     assert len(arrow) >= 4 and ids[-1] == "corpus/single/" + Path(arrow[-1].path).name
     assert ids.index("corpus/notes.txt") > max(i for i, f in enumerate(files) if "/dict/" in f.file_id)
-    # the DatasetDict keeps its listed split order (train before validation)
+    # of the DatasetDict, its train split only: its validation split is held-out text
     dict_ids = [i for i in ids if "/dict/" in i]
-    assert dict_ids[0].startswith("corpus/dict/train/") and dict_ids[-1].startswith("corpus/dict/validation/")
+    assert dict_ids and all(i.startswith("corpus/dict/train/") for i in dict_ids)
     bad = BadRecords()
     got = []
     for unit in plan_units(files, 10_000_000):
         got.extend(iter_unit_documents(unit, WCFG, bad))
     texts = [t for _, t in got]
     assert texts[:15] == [d.strip() for d in docs[40:55]]
-    assert texts[15:20] == [d.strip() for d in docs[55:]]
-    assert texts[21:] == [d.strip() for i, d in enumerate(docs[:40]) if i != 7]
+    assert texts[15] == docs[0].strip()  # notes.txt
+    assert texts[16:] == [d.strip() for i, d in enumerate(docs[:40]) if i != 7]
     assert bad.counts == {"missing_field": 1}
     first_file = next(f.file_id for f in files if f.file_id.startswith("corpus/single/"))
     assert [(e["reason"], e["where"]) for e in bad.examples] == [("missing_field", f"{first_file}:7")]
+
+
+def test_a_split_of_a_dataset_dict_is_prepared_by_passing_its_folder(hf_corpus, tmp_path):
+    root, docs = hf_corpus
+    bad = BadRecords()
+    got = [t for u in plan_units(discover([str(root / "dict" / "validation")]), 10_000_000)
+           for _, t in iter_unit_documents(u, WCFG, bad)]
+    assert got == [d.strip() for d in docs[55:]]
+    _save_dataset_dict(tmp_path / "no-train", {"validation": pa.table({"text": docs[:3]}),
+                                               "test": pa.table({"text": docs[3:5]})})
+    with pytest.raises(ConfigError, match=r"without a 'train' split \(splits: validation, test\): pass the "
+                                          r"folder of the split to prepare, e.g. --input .*no-train/validation"):
+        discover([str(tmp_path / "no-train")])
 
 
 def test_a_saved_dataset_folder_as_input_and_batch_groups(hf_corpus, tmp_path, ray_session):
