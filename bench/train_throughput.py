@@ -108,6 +108,12 @@ def noise(step: int, n: int, seq_len: int, device):
     return stratified_times(n, 1e-3, gen).to(device), torch.rand(n, seq_len, generator=gen).to(device)
 
 
+def step_inputs(args, data, seed: int, device) -> list[tuple]:
+    """A step's micro-batches: (tokens, times, mask uniforms) each, the same in every mode."""
+    return [(next(data), *noise(seed * 1000 + micro, args.micro_batch, args.seq_len, device))
+            for micro in range(args.grad_accum)]
+
+
 def run_config(args, cfg_model) -> RunConfig:
     cfg = RunConfig()
     cfg.model = cfg_model
@@ -191,13 +197,15 @@ def build(args, mode: str, device):
             if "immediate" in flags:
                 os.unlink(cfg.train.deepspeed_config)
 
-        def step(x0, t, u):
-            for i in range(args.grad_accum):
+        def step(micro_batches):
+            losses = []
+            for x0, t, u in micro_batches:
                 with context():
                     out = engine(x0, t, noise=u)
                 engine.backward(out.loss)
                 engine.step()
-            return out.loss
+                losses.append(out.loss.detach())
+            return torch.stack(losses).mean()
 
         return model, step, engine
     model.to(device)  # fp32 weights, bf16 autocast: the plain PyTorch recipe
@@ -205,16 +213,18 @@ def build(args, mode: str, device):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run_config(args, cfg_model)))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def step(x0, t, u):
-        for _ in range(args.grad_accum):
+    def step(micro_batches):
+        losses = []
+        for x0, t, u in micro_batches:
             with amp, context():
                 out = model(x0, t, noise=u)
             (out.loss / args.grad_accum).backward()
+            losses.append(out.loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return out.loss
+        return torch.stack(losses).mean()
 
     return model, step, None
 
@@ -261,13 +271,11 @@ def _measure(args, mode: str, device, model, step) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(args.warmup):
-        t, u = noise(i, args.micro_batch, args.seq_len, device)
-        step(next(data), t, u)
+        step(step_inputs(args, data, i, device))
     sync()
     start = time.perf_counter()
     for i in range(args.steps):
-        t, u = noise(args.warmup + i, args.micro_batch, args.seq_len, device)
-        loss = step(next(data), t, u)
+        loss = step(step_inputs(args, data, args.warmup + i, device))
     sync()
     elapsed = time.perf_counter() - start
     tokens = args.steps * args.grad_accum * args.micro_batch * args.seq_len
@@ -279,8 +287,7 @@ def _measure(args, mode: str, device, model, step) -> dict:
     if args.loss_steps:
         losses = []
         for i in range(args.loss_steps):
-            t, u = noise(10_000 + i, args.micro_batch, args.seq_len, device)
-            losses.append(float(step(next(data), t, u).detach()))
+            losses.append(float(step(step_inputs(args, data, 10_000 + i, device))))
         tail = losses[-max(1, args.loss_steps // 10):]
         result["loss_after"] = {"steps": args.warmup + args.steps + args.loss_steps, "mean_last_10pct": sum(tail) / len(tail)}
     if args.profile:
@@ -297,10 +304,11 @@ TIME_CATEGORIES = (
     ("compiled (triton)", r"triton(?!_tem)"),  # triton_tem_*: Inductor's matmul templates (max-autotune)
     ("fp8 matmul", r"nvjet_(sm\d+a?_)?[qr][qr]|(gemm|xmma|cutlass).*(e4m3|e5m2)|f8f8|scaled_mm"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|triton_tem|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("grad norm", r"lpnorm|l2norm|norm_reduce|clip_grad"),  # the clip's foreach norm is no optimizer time
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("communication", r"nccl|all_?reduce|reduce_scatter|all_?gather|broadcast"),
     ("fp8 casts (eager)", r"e4m3|e5m2|float8"),
-    ("copy/fill", r"memcpy|memset|aten::copy_|aten::fill_|aten::zero_"),
+    ("copy/fill", r"memcpy|memset|copy_kernel|FillFunctor|aten::copy_|aten::fill_|aten::zero_"),
 )
 
 
@@ -349,8 +357,7 @@ def profile_steps(args, device, step, data) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_device else [ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for i in range(args.profile):
-            t, u = noise(20_000 + i, args.micro_batch, args.seq_len, device)
-            step(next(data), t, u)
+            step(step_inputs(args, data, 20_000 + i, device))
         sync()
         wall = time.perf_counter() - start
     return profile_breakdown(prof.key_averages(), args.profile, wall, on_device)

@@ -228,6 +228,12 @@ class RunConfig:
             if m.n_heads % tp or (m.mlp_ratio * m.d_model) % tp:
                 raise ConfigError(f"parallel.tensor={tp} must divide model.n_heads={m.n_heads} and the "
                                   f"MLP width {m.mlp_ratio * m.d_model}")
+        if tp > 1 and self.train.zero_stage == 0 and self.train.precision in ("bf16", "fp8"):
+            # DeepSpeed's optimizer for bf16 weights at ZeRO-0 sums the gradient norm over the
+            # tensor-parallel shards of rank 0 only: clipping and train/grad_norm would be wrong
+            raise ConfigError(f"train.precision={self.train.precision} with parallel.tensor > 1 needs "
+                              f"train.zero_stage >= 1 (at ZeRO-0 DeepSpeed's gradient norm misses the other "
+                              f"tensor-parallel ranks' shards): use train.zero_stage=1")
 
 
     def _check_splits(self) -> None:

@@ -93,7 +93,9 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out_dir / "tokenizer")
     (out_dir / COMPLETE).write_text(json.dumps({"step": merged.get("step", 0), "files": files}, indent=1) + "\n")
-    (Path(out) / "latest").write_text(ckpt.name)
+    latest = Path(out) / "latest"
+    latest.with_name(".latest.tmp").write_text(ckpt.name)
+    os.replace(latest.with_name(".latest.tmp"), latest)
     return out_dir
 
 

@@ -87,7 +87,7 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
     model.eval()
     # every rank reads the (small) eval split and keeps every W-th sample: the evaluated set is
     # the first samples of the split in file order, whatever the world size
-    total, var, tokens, seqs, error, crash = 0.0, 0.0, 0.0, 0, None, None
+    total, var, tokens, after_first, seqs, error, crash = 0.0, 0.0, 0.0, 0.0, 0, None, None
     try:
         stream = ShardStream(data_dir, split, rank, world_size, seed=0, shuffle=False, loop=False,
                              split_by="sample", check_sha256=check_sha256)
@@ -122,14 +122,15 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
             else:
                 nelbo = ar_nll(model, x0, valid)
                 tokens += float(valid[:, 1:].sum()) if valid is not None else x0[:, 1:].numel()
+            after_first += float(valid[:, 1:].sum()) if valid is not None else x0[:, 1:].numel()
             total += float(nelbo.sum())
             seqs += x0.shape[0]
         except Exception as err:  # e.g. out of memory on this rank only
             crash = err
             break
     del stream, it  # the shards read for this pass (a crash's traceback still holds its batch)
-    total, var, tokens, seqs, failed, crashed = _all_reduce(
-        [total, var, tokens, seqs, float(error is not None), float(crash is not None)], device)
+    total, var, tokens, after_first, seqs, failed, crashed = _all_reduce(
+        [total, var, tokens, after_first, seqs, float(error is not None), float(crash is not None)], device)
     model.train(was_training)
     if crashed:
         here = f"; here: {type(crash).__name__}: {crash}" if crash is not None else "; see that rank's log"
@@ -146,6 +147,9 @@ def evaluate_likelihood(model: torch.nn.Module, data_dir: str | Path, split: str
     result = {"nelbo": per_token, "ppl_bound": math.exp(per_token), "nelbo_se": se,
               "ppl_bound_ci95": [math.exp(per_token - 1.96 * se), math.exp(per_token + 1.96 * se)],
               "tokens": int(tokens), "sequences": int(seqs), "time_samples": time_samples,
+              # the AR convention's count (all positions but the first), for comparisons across objectives:
+              # total / tokens_after_first is MDLM's bound per token on AR's denominator
+              "nll_total": total, "tokens_after_first": int(after_first),
               "estimator": ("discrete" if discrete_steps else "continuous") if isinstance(model, MDLM) else "exact",
               "discrete_steps": discrete_steps, "split": split}
     if not isinstance(model, MDLM):
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(data)
         if args.split not in manifest["splits"]:
             raise ValueError(f"split '{args.split}' not in {data}/manifest.json (has {', '.join(manifest['splits'])})")
+        if not manifest["splits"][args.split].get("shards"):
+            raise ValueError(f"split '{args.split}' of {data} holds no shards (a corpus prepared with "
+                             f"--val-fraction 0 has its text in 'train'): pass --split with a split that has shards")
         try:
             trained_on, _ = training_data(ckpt, config["data"]["path"])
             warnings = check_same_tokenizer(ckpt, trained_on, data, manifest)
@@ -270,7 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
-    loaded = load_checkpoint_model(ckpt, use_ema=not args.no_ema, device=device)
+    try:
+        loaded = load_checkpoint_model(ckpt, use_ema=not args.no_ema, device=device)
+    except ValueError as err:  # e.g. --no-ema on an EMA-only (merged ZeRO-3 tensor-parallel) checkpoint
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        shutdown_distributed()
+        return 2
+    if not args.no_ema and loaded.weights != "ema":
+        warnings.append(f"{loaded.path} holds no EMA weights (train.ema=0): evaluated its raw weights")
+        if rank == 0:
+            print(f"warning: {warnings[-1]}", file=sys.stderr)
     try:
         with precision_context(precision, device):
             result = evaluate_likelihood(loaded.model, data, args.split, args.batch_size, args.time_samples,
@@ -283,17 +299,27 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
         return 1
     if rank == 0:
-        result.update(unigram_perplexity(data, args.split,
-                                         max_eval_samples=args.max_batches * args.batch_size * world))
+        try:  # a baseline: its failure (an unreadable train split, say) must not cost the bound
+            result.update(unigram_perplexity(data, args.split,
+                                             max_eval_samples=args.max_batches * args.batch_size * world))
+        except Exception as err:
+            result["unigram_error"] = f"{type(err).__name__}: {err}"
+            warnings.append(f"the unigram baseline could not be computed: {result['unigram_error']}")
+            print(f"warning: {warnings[-1]}", file=sys.stderr)
         result["conventions"] = conventions(manifest, loaded.model.cfg.objective)
         result["checkpoint"] = str(loaded.path)
+        result["step"] = loaded.step
+        result["weights"] = loaded.weights
         result["ranks"] = world
         result["precision"] = precision
         result["warnings"] = warnings
         text = json.dumps(result, indent=2)
         print(text)
         if args.output:
-            Path(args.output).write_text(text + "\n")
+            out = Path(args.output)
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            tmp.write_text(text + "\n")
+            os.replace(tmp, out)
     shutdown_distributed()
     return 0
 

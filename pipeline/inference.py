@@ -11,6 +11,7 @@ import torch
 from model.mdlm import build_model
 from model.tensor_parallel import strip_extra_state
 
+from .adapters import plain_name
 from .checkpoint import COMPLETE, DATA_MANIFEST, complete_tags, damaged_files, saved_run_config
 from .configtools import from_dict
 
@@ -130,8 +131,9 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True, device="cpu") 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         weights, source = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name), "raw"
-    # Transformer Engine's linears (fp8.backend=te) add FP8 scaling state the plain model has no place for
-    model.load_state_dict({k: v.float() for k, v in strip_extra_state(weights).items()})
+    # Transformer Engine's linears (fp8.backend=te) add FP8 scaling state the plain model has no
+    # place for; ZeRO-3's consolidated names keep activation checkpointing's wrapper in their path
+    model.load_state_dict({plain_name(k): v.float() for k, v in strip_extra_state(weights).items()})
     model.to(device).eval()
     return LoadedModel(model, config, ckpt, int(state.get("step", 0)), source)
 

@@ -66,6 +66,9 @@ def parse_args(argv):
                                                         "PREFIX.json (a folder: FOLDER/samples.*); default: "
                                                         "./samples.*, replaced by the next run")
     args = p.parse_args(argv)
+    if args.no_cache and args.sampler in ("semi-ar", "confidence"):
+        p.error(f"--no-cache applies to the cached sampler (it runs the ancestral one); --sampler {args.sampler} "
+                "keeps its cache")
     if args.no_cache and args.sampler == "cached":
         args.sampler = "ancestral"
     if args.threads < 0:
@@ -257,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
             ids = row["tokens"]
             row["context_text"] = tok.decode(ids[:generated[0]], skip_special_tokens=False)
             row["generated_text"] = tok.decode(ids[generated[0]:generated[-1] + 1], skip_special_tokens=False)
+    from data_prep.manifest import atomic_write_text
+
     _with(prefix, ".json").unlink(missing_ok=True)  # an earlier run's stats must not pair with these samples
-    _with(prefix, ".txt").write_text("\n\n=====\n\n".join(shown) + "\n")
-    _with(prefix, ".jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(_with(prefix, ".txt"), "\n\n=====\n\n".join(shown) + "\n")
+    atomic_write_text(_with(prefix, ".jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
     from .genppl import evaluate_samples, load_judge, sample_pieces, scored_mask
 
     judge = load_judge(args.judge, args.device) if args.judge else None
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
              "wall_s": wall, "tokens_per_s": args.num_samples * length / wall, "device": str(args.device),
              "precision": precision, **quality}
     stats["tokenizer"] = manifest["tokenizer"]
-    _with(prefix, ".json").write_text(json.dumps(stats, indent=2) + "\n")
+    atomic_write_text(_with(prefix, ".json"), json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))
     print(f"wrote {', '.join(str(_with(prefix, ext)) for ext in ('.txt', '.jsonl', '.json'))}", file=sys.stderr)
     return 0

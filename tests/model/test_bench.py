@@ -28,7 +28,7 @@ def test_bench_trains_both_on_the_same_tokens_and_prints_the_ratio(shards, tmp_p
     assert m["batches_sha256"] == a["batches_sha256"]  # same tokens, same order
     assert m["train_tokens"] == a["train_tokens"] == 4 * 8 * 16
     assert m["eval_sequences"] == a["eval_sequences"] == 32
-    assert m["eval_tokens"] == 32 * 16 and a["eval_tokens"] == 32 * 15
+    assert m["eval_tokens"] == a["eval_tokens"] == 32 * 15  # one denominator: positions 1..L-1
     assert m["params"] > a["params"]  # adaLN is the only difference
     for r in (m, a):
         assert math.isfinite(r["ppl"]) and 1.0 < r["ppl"] < 9 * 1.5  # barely trained: near uniform over 8 + mask

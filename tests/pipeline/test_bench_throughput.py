@@ -68,7 +68,12 @@ def test_throughput_bench_prints_and_writes_every_mode(tmp_path):
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
     ("triton_per_fused_add_mul_native_layer_norm_0", "compiled (triton)"),
     ("Memcpy DtoD (Device -> Device)", "copy/fill"),
-    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "copy/fill"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+     "::{lambda()#3}::operator()() const::{lambda()#7}::operator()() const::{lambda(float)#1}>", "copy/fill"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "TensorListMetadata<1>, at::native::(anonymous namespace)::LpNormFunctor<float, 2>, float*, int>", "grad norm"),
+    ("void at::native::vectorized_layer_norm_kernel<float, float>", "other"),
 ])
 def test_profile_categories_tell_kernel_kinds_apart(name, category):
     assert throughput_bench().time_category(name) == category

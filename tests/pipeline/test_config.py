@@ -150,3 +150,14 @@ def test_train_cadences_out_of_range_are_refused(markov_data, override, message)
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_run_config(None, [f"data.path={markov_data}", override])
+
+
+def test_bf16_tensor_parallel_at_zero0_is_refused(markov_data):
+    import re
+
+    message = "train.precision=bf16 with parallel.tensor > 1 needs train.zero_stage >= 1"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(None, [f"data.path={markov_data}", "parallel.tensor=2", "train.zero_stage=0",
+                               "train.precision=bf16"])
+    for ok in (["train.zero_stage=1", "train.precision=bf16"], ["train.zero_stage=0", "train.precision=fp32"]):
+        assert load_run_config(None, [f"data.path={markov_data}", "parallel.tensor=2", *ok]).parallel.tensor == 2

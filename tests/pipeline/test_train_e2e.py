@@ -13,7 +13,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, free_port, launch_train
+from tests.synthetic import write_markov_shards
+
+from .conftest import ROOT, free_port, launch_train, run_single
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
@@ -115,7 +117,7 @@ def test_evaluate_cli_reports_bound_with_error_and_conventions(runs, tmp_path):
     run_cli("-m", "pipeline.evaluate", "--checkpoint", str(runs["straight"] / "checkpoints"),
             "--time-samples", "4", "--max-batches", "2", "--batch-size", "8", "--output", str(out))
     result = json.loads(out.read_text())
-    assert result["checkpoint"].endswith("step00000040")
+    assert result["checkpoint"].endswith("step00000040") and (result["step"], result["weights"]) == (40, "ema")
     assert result["tokens"] == 2 * 8 * 32 and result["time_samples"] == 4
     assert 0 < result["nelbo_se"] < 0.5
     lo, hi = result["ppl_bound_ci95"]
@@ -161,6 +163,38 @@ def test_evaluate_cli_refuses_bad_input_before_loading(runs, tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             main(["--checkpoint", ckpt, *args])
         assert info.value.code == 2 and message in capsys.readouterr().err, args
+
+
+def test_zero3_activation_checkpointed_raw_weights_evaluate_and_the_result_says_which(markov_data, tmp_path, capsys):
+    """ZeRO-3 consolidates raw weights under the checkpoint wrapper's names; with train.ema=0 the
+    default (EMA) evaluation falls back to them and says so. A split without shards is refused
+    before loading, and a baseline that cannot be computed costs the bound nothing."""
+    from pipeline.evaluate import main
+
+    run_single(tmp_path / "run", markov_data, "train.max_steps=2", "train.zero_stage=3", "train.ema=0",
+               "train.activation_checkpointing=true", "tracking.enabled=false", "eval.max_batches=1",
+               "sample.num_samples=0")
+    ckpt = str(tmp_path / "run" / "checkpoints")
+    out = tmp_path / "eval.json"
+    assert main(["--checkpoint", ckpt, "--max-batches", "1", "--time-samples", "2", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["weights"], result["step"]) == ("raw", 2) and math.isfinite(result["nelbo"])
+    assert any("holds no EMA weights (train.ema=0): evaluated its raw weights" in w for w in result["warnings"])
+    assert main(["--checkpoint", ckpt, "--max-batches", "1", "--time-samples", "2", "--no-ema"]) == 0
+    # a copy of the val split alone: no train split for the unigram baseline
+    val_only = tmp_path / "val-only"
+    shutil.copytree(markov_data / "val", val_only / "val")
+    shutil.copy(markov_data / "manifest.json", val_only / "manifest.json")
+    capsys.readouterr()
+    assert main(["--checkpoint", ckpt, "--max-batches", "1", "--time-samples", "2", "--data", str(val_only),
+                 "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert math.isfinite(result["nelbo"]) and "unigram_ppl" not in result and "unigram_error" in result
+    no_val = tmp_path / "no-val"
+    write_markov_shards(no_val, vocab=16, seq_len=32, train_samples=32, val_samples=0)
+    with pytest.raises(SystemExit) as info:
+        main(["--checkpoint", ckpt, "--data", str(no_val)])
+    assert info.value.code == 2 and "split 'val' of" in capsys.readouterr().err
 
 
 def test_evaluate_cli_exits_1_with_the_error_when_the_evaluation_fails(runs, capsys, monkeypatch):
