@@ -38,9 +38,21 @@ if [[ "$SUITE" == fp8 || "$SUITE" == attention || "$SUITE" == all ]] && [[ ! -f 
   echo "no data_prep output at $DATA (set DATA=...; see bench/gpu/README.md)" >&2; exit 2
 fi
 
-if [[ -d .gpu-wheels ]] && ! "$PY" -c "import deepspeed, torchao, webdataset, yaml" >/dev/null 2>&1; then
+if ! "$PY" -c "import deepspeed, torchao, webdataset, yaml" >/dev/null 2>&1; then
+  if [[ ! -d .gpu-wheels ]]; then
+    echo "deepspeed, torchao, webdataset or yaml is missing here and there is no .gpu-wheels folder: run" \
+         "'make gpu-kit' on a machine with pip access and carry .gpu-wheels (see bench/gpu/README.md)" >&2
+    exit 2
+  fi
+  HERE_PY="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+  WHEELS_PY="$(cat .gpu-wheels/PYTHON_VERSION 2>/dev/null || echo 3.12)"
+  if [[ "$HERE_PY" != "$WHEELS_PY" ]]; then
+    echo ".gpu-wheels holds wheels for Python $WHEELS_PY, this is $HERE_PY: rebuild them with" \
+         "'bash bench/gpu/wheels.sh --python-version $HERE_PY'" >&2
+    exit 2
+  fi
   SITE="${TMPDIR:-/tmp}/mdlm-gpu-site"
-  "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .gpu-wheels/*.whl
+  "$PY" -m pip install --quiet --no-index --no-deps --upgrade --target "$SITE" .gpu-wheels/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"  # ninja, for JIT ops
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

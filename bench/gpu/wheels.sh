@@ -41,5 +41,6 @@ if ! ls "$OUT"/deepspeed-"$DS_VERSION"-*.whl >/dev/null 2>&1; then
   (cd "$WORK"/deepspeed-"$DS_VERSION" && DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps \
      --no-build-isolation --wheel-dir "$OUT" .)
 fi
+echo "$PYVER" > "$OUT/PYTHON_VERSION"  # run.sh checks the GPU image's Python against it
 ls -1 "$OUT"
 du -sh "$OUT"
