@@ -282,10 +282,16 @@ class CheckpointManager:
                         shutil.copyfile(src, dst)
                 _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "files": files}, indent=1) + "\n")
                 _write_atomic(self.root / "latest", tag)
-                self._prune()
             except (OSError, RuntimeError) as err:  # e.g. a full disk: the previous checkpoint stays
                 error = str(err)
+                (tag_dir / COMPLETE).unlink(missing_ok=True)
                 shutil.rmtree(tag_dir, ignore_errors=True)
+            if not error:
+                try:  # the new checkpoint is complete: failing to remove old ones must not cost it
+                    self._prune()
+                except OSError as err:
+                    log.warning("checkpoint %s saved, but older ones could not be removed (keep_last=%d): %s",
+                                tag, self.keep_last, err)
         # every rank learns the outcome (rank 0's failure must not leave the others in a barrier)
         if not all_ranks_agree(not error, self.device):
             newest = complete_tags(self.root)

@@ -3,8 +3,9 @@ processes (ZeRO-2 over gloo) -> evaluation -> samples -> MLflow, then a summary.
 
     python -m pipeline.demo [--corpus DIR] [--run-dir runs/demo] [--config configs/train/demo.yaml] [overrides]
 
-A rerun continues the same run (data_prep skips finished groups, training resumes from the newest
-checkpoint: with a larger train.max_steps it trains on, otherwise it evaluates and samples again).
+A rerun continues the same run (data_prep prepares the same shards again, training resumes from
+the newest checkpoint: with a larger train.max_steps it trains on, otherwise it evaluates and
+samples again).
 Your own corpus goes to runs/demo-<folder name> unless --run-dir says otherwise.
 """
 from __future__ import annotations

@@ -41,8 +41,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        # sites that bind one GPU per task show each rank a single device, whatever its local rank
-        gpu = local_rank % torch.cuda.device_count()
+        gpu = gpu_for_rank(local_rank, torch.cuda.device_count())
         if gpu != local_rank:
             # DeepSpeed binds cuda:$LOCAL_RANK itself (init_process_group's device_id, ZeRO-3's
             # buffers): that device does not exist here, so it must hear the one this rank sees
@@ -61,6 +60,19 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     if dist.get_rank() == 0:
         _warn_if_shutdown_timeout_ignored()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def gpu_for_rank(local_rank: int, visible: int) -> int:
+    """The device of a rank: its local rank, or the one GPU a task sees where the site binds one
+    GPU per task. More ranks on a node than GPUs would put two on one device (NCCL's "Duplicate
+    GPU detected", after the whole start-up): refused here."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(f"LOCAL_RANK={local_rank}, but this process sees {visible} GPUs: start at most "
+                           f"{visible} ranks per node (--ntasks-per-node, --gpus-per-node, --num_gpus or the "
+                           f"hostfile's slots)")
+    return local_rank
 
 
 def _warn_if_shutdown_timeout_ignored() -> None:

@@ -1,7 +1,7 @@
 """Likelihood evaluation: the MDLM perplexity bound (or AR perplexity) and the unigram baseline.
 
 `python -m pipeline.evaluate --checkpoint RUN_DIR/checkpoints[/stepN] [--data DIR] [--time-samples K]
-[--discrete-steps T]` prints and writes a JSON result; under torchrun, deepspeed or srun every rank
+[--discrete-steps T] [--output FILE]` prints a JSON result (and writes it to FILE); under torchrun, deepspeed or srun every rank
 loads the model and scores every W-th sequence (the same result for any number of ranks, since each
 sequence's Monte Carlo draws are seeded by its key). Conventions (recorded with every result):
 every stored position of a sequence is scored, BOS and EOS included; documents are packed as

@@ -29,6 +29,14 @@ def default_tracking_uri(run_dir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
 
 
+def sqlite_artifact_dir(uri: str) -> Path | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: mlartifacts/ beside the
+    database (a store shared by several run_dirs must not keep them in the first run's folder)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
                  run_token: str | None = None, artifact_dir: str | Path | None = None, max_pending: int = 100_000,
@@ -134,18 +142,31 @@ class Tracker:
             if self._disabled:
                 return
             if len(self._queue) >= self.max_pending:
-                # the oldest after the head: the worker may be delivering the head right now
-                del self._queue[1 if len(self._queue) > 1 else 0]
+                # the oldest metrics after the head (the worker may be delivering the head right
+                # now): metrics.jsonl keeps them and a resume sends them; params, artifacts and
+                # tags have no second copy
+                victim = next((i for i in range(1, len(self._queue)) if self._queue[i][0] == "log_metrics"),
+                              1 if len(self._queue) > 1 else 0)
+                del self._queue[victim]
                 self.dropped += 1
                 if self.dropped == 1:
-                    log.warning("MLflow queue full (%d calls): dropping the oldest", self.max_pending)
+                    log.warning("MLflow queue full (%d calls): dropping the oldest metrics (metrics.jsonl in the "
+                                "run_dir keeps them)", self.max_pending)
             self._queue.append((what, fn, args, kwargs))
             self._cond.notify()
 
+    _bare_run: bool | None = None
+
     def _on_run(self, fn, *args, new_run_only: bool = False, **kwargs) -> None:
-        """fn(run_id, ...), with the run id known when the call is delivered (the run may open late)."""
-        if not new_run_only or self.new_run:
-            fn(self.run_id, *args, **kwargs)
+        """fn(run_id, ...), with the run id known when the call is delivered (the run may open late).
+        `new_run_only` calls (the config's params and artifacts) go to a new run, and to a reopened
+        one that never got its params (an earlier process died with them queued)."""
+        if new_run_only and not self.new_run:
+            if self._bare_run is None:
+                self._bare_run = not self.client.get_run(self.run_id).data.params
+            if not self._bare_run:
+                return
+        fn(self.run_id, *args, **kwargs)
 
     def _server_answers(self) -> bool:
         try:

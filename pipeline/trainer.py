@@ -32,7 +32,7 @@ from .data import ShardStream, batches, load_manifest
 from .ema import GATHER_ELEMENTS, make_ema
 from .precision import apply_fp8, check_fp8, te_autocast
 from .distributed import init_distributed
-from .tracking import Tracker, default_tracking_uri
+from .tracking import Tracker, default_tracking_uri, sqlite_artifact_dir
 
 log = logging.getLogger("mdlm.trainer")
 
@@ -458,15 +458,15 @@ class Trainer:
     def _start_tracking(self) -> Tracker | None:
         tc = self.cfg.tracking
         uri = tc.uri or default_tracking_uri(self.run_dir)
-        restart = False  # a start over after a kill before the first checkpoint
-        if self.step == 0 and self.mlflow_run_token is None and self._unsaved_run_file.is_file():
+        restart = False  # a start over after a kill before this run_dir's first checkpoint
+        if self._saved_step is None and self.mlflow_run_token is None and self._unsaved_run_file.is_file():
             try:
                 self.mlflow_run_token = json.loads(self._unsaved_run_file.read_text())["run_token"]
                 restart = True
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # unreadable: a new run
         try:
-            artifacts = self.run_dir / "mlartifacts" if uri.startswith("sqlite:") else None
+            artifacts = sqlite_artifact_dir(uri)
             tracker = Tracker(uri, tc.experiment, tc.run_name, run_id=self.mlflow_run_id,
                               run_token=self.mlflow_run_token, artifact_dir=artifacts,
                               system_metrics=tc.system_metrics, system_metrics_interval_s=tc.system_metrics_interval_s,
@@ -495,7 +495,7 @@ class Trainer:
             tracker.backfill(self._logged_metrics())
         self.mlflow_run_id = tracker.run_id or self.mlflow_run_id
         self.mlflow_run_token = tracker.run_token
-        if self.step == 0:
+        if self._saved_step is None:  # a fresh start, or one from another run's checkpoint
             tmp = self._unsaved_run_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"run_token": tracker.run_token, "tracking_uri": uri}))
             os.replace(tmp, self._unsaved_run_file)
@@ -601,8 +601,15 @@ class Trainer:
         def handler(signum, _frame):
             self.stop_signal = signum
 
+        def interrupt(signum, _frame):  # Ctrl-C: a checkpoint and a stop, as SIGTERM; twice: abort now
+            self.stop_signal = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            log.warning("interrupted: checkpointing and stopping after this step (Ctrl-C again to abort "
+                        "without a checkpoint)")
+
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, interrupt)
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)

@@ -159,6 +159,21 @@ class OneFilePerRank:
             fh.write(b"x" * (100 + self.rank))
 
 
+def test_a_failure_to_prune_old_checkpoints_keeps_the_new_one(tmp_path, monkeypatch, caplog):
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=1, rank=0)
+    manager.save(OneFilePerRank(0), 1, {"run_config": {"model": {}}})
+
+    def no_permission():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "step00000001"))
+
+    monkeypatch.setattr(manager, "_prune", no_permission)
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        manager.save(OneFilePerRank(0), 2, {"run_config": {"model": {}}})
+    assert ckpt.complete_tags(tmp_path) == ["step00000001", "step00000002"]
+    assert (tmp_path / "latest").read_text() == "step00000002"
+    assert "step00000002 saved, but older ones could not be removed (keep_last=1)" in caplog.text
+
+
 def save_worker(rank: int, size: int, port: int, roots: list[str], queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=size)

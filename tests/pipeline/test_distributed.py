@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.distributed import _env_from_slurm
+from pipeline.distributed import _env_from_slurm, gpu_for_rank
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -46,3 +46,10 @@ def test_ranks_set_by_a_launcher_win_over_slurm(clean_env):
         clean_env.setenv(name, value)
     _env_from_slurm()
     assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "4"
+
+
+def test_each_rank_gets_its_own_gpu_or_the_only_one_it_sees():
+    assert [gpu_for_rank(r, 8) for r in range(8)] == list(range(8))
+    assert gpu_for_rank(5, 1) == 0  # one GPU bound per task
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=4, but this process sees 4 GPUs: start at most 4 ranks"):
+        gpu_for_rank(4, 4)

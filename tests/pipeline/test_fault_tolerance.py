@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT, child_env, launch_train, logged_losses, run_single
 
 FAST = ("tracking.enabled=false", "train.log_every=1", "eval.max_batches=1", "sample.num_samples=1",
@@ -130,6 +132,35 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(markov_data, tmp_path):
     assert mlflow_run(tmp_path, out).info.status == "KILLED"  # until a resume reopens it
 
 
+def test_ctrl_c_checkpoints_once_and_twice_aborts(markov_data, tmp_path):
+    proc = start_training(tmp_path / "once", markov_data, *FAST, "train.max_steps=100000", "train.checkpoint_every=0")
+    wait_for_line(proc, "step 3/")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "interrupted: checkpointing and stopping after this step" in out, out[-3000:]
+    assert '"stopped_by_signal": true' in out and len(list((tmp_path / "once" / "checkpoints").glob("step*"))) == 1
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    from types import SimpleNamespace
+
+    from pipeline.trainer import Trainer
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    host = SimpleNamespace(stop_signal=None)
+    try:
+        Trainer._install_signal_handlers(host)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert host.stop_signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+
+
 def test_a_restart_before_the_first_checkpoint_continues_the_same_mlflow_run(markov_data, tmp_path):
     """Killed before any checkpoint, the run starts over: in the MLflow run it had opened, which
     ends FINISHED instead of staying RUNNING beside a second run."""
@@ -150,6 +181,25 @@ def test_a_restart_before_the_first_checkpoint_continues_the_same_mlflow_run(mar
     assert [a.path for a in client.list_artifacts(run.info.run_id, "resumes/step00000000")] == \
         ["resumes/step00000000/config.yaml"]
     assert not (tmp_path / "mlflow_run.json").exists()  # the checkpoints carry the run from here
+
+
+def test_a_fork_killed_before_its_first_checkpoint_restarts_in_its_own_mlflow_run(markov_data, tmp_path):
+    """Started from another run's checkpoint and killed before a checkpoint of its own, the same
+    command again continues the MLflow run the fork had opened (not a second one)."""
+    parent = tmp_path / "parent"
+    first = run_single(parent, markov_data, *FAST, "train.max_steps=5", "tracking.enabled=true")
+    parent_run = mlflow_run(parent, first.stdout + first.stderr)
+    fork, source = tmp_path / "fork", str(parent / "checkpoints" / "step00000005")
+    proc = start_training(fork, markov_data, *FAST, "train.max_steps=100000", "train.checkpoint_every=0",
+                          "tracking.enabled=true", "--resume", source)
+    wait_for_line(proc, "step 7/")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (fork / "checkpoints").exists() and (fork / "mlflow_run.json").is_file()
+    out = run_single(fork, markov_data, *FAST, "train.max_steps=8", "tracking.enabled=true", resume=source)
+    run = mlflow_run(fork, out.stdout + out.stderr)  # exactly one run in the fork's store
+    assert run.info.status == "FINISHED" and run.data.tags["mdlm.parent_run_id"] == parent_run.info.run_id
+    assert not (fork / "mlflow_run.json").exists()
 
 
 def test_a_second_training_into_a_run_dir_in_use_is_refused(markov_data, tmp_path):

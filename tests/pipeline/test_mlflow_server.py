@@ -171,6 +171,41 @@ def test_a_server_that_never_answers_costs_training_nothing(tmp_path, in_process
     assert time.time() - start < 20
 
 
+def test_a_full_queue_drops_metrics_never_the_runs_params_and_artifacts(tmp_path, in_process_mlflow):
+    """The server is down at start and the queue overflows: the oldest metrics go (metrics.jsonl
+    keeps them), the params and the config artifact queued before them reach the run."""
+    from pipeline.tracking import Tracker
+
+    srv = MlflowServer(tmp_path / "store", free_port())
+    (tmp_path / "store").mkdir()
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    tracker = Tracker(srv.uri, "exp", max_pending=20, retry_wait_s=0.05, max_wait_s=0.2)
+    try:
+        tracker.log_params({"train.max_steps": 60}, new_run_only=True)
+        tracker.log_artifact(tmp_path / "config.yaml", new_run_only=True)
+        for step in range(1, 41):
+            tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        assert tracker.dropped == 40 + 3 - 20  # open, params, artifact and 40 metrics into 20 places
+        srv.start()
+        assert tracker.flush(120)
+        client = MlflowClient(srv.uri)
+        assert client.get_run(tracker.run_id).data.params == {"train.max_steps": "60"}
+        assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["config.yaml"]
+        history = client.get_metric_history(tracker.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(24, 41))
+    finally:
+        tracker.end(timeout_s=30)
+        srv.stop()
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_its_database(tmp_path):
+    from pipeline.tracking import sqlite_artifact_dir
+
+    assert sqlite_artifact_dir(f"sqlite:///{tmp_path}/shared/mlflow.db") == tmp_path / "shared" / "mlartifacts"
+    assert sqlite_artifact_dir("sqlite:///mlflow.db") == Path("mlartifacts")
+    assert sqlite_artifact_dir("http://127.0.0.1:5000") is None
+
+
 def test_system_metrics_reach_the_run(markov_data, tmp_path):
     """MLflow's system metrics (CPU, memory; GPU through NVML where there is one) in the same run."""
     run_single(tmp_path, markov_data, "train.max_steps=120", "train.checkpoint_every=0", "eval.max_batches=1",
@@ -304,6 +339,7 @@ def test_a_checkpoint_token_reopens_the_run_an_earlier_process_opened_after_savi
 
     uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     first = Tracker(uri, "exp")
+    first.log_params({"cfg": 1}, new_run_only=True)
     first.log_metrics({"train/loss": 1.0}, 1)
     assert first.end(timeout_s=30)
     again = Tracker(uri, "exp", run_id=None, run_token=first.run_token)
@@ -323,3 +359,10 @@ def test_a_checkpoint_token_reopens_the_run_an_earlier_process_opened_after_savi
     assert [m.step for m in client.get_metric_history(first.run_id, "train/loss")] == [1, 2]
     assert "only.new" not in runs[first.run_id].data.params and runs[first.run_id].info.status == "FINISHED"
     assert runs[fresh.run_id].data.tags[OPEN_TOKEN_TAG] == "f" * 32
+    # a run whose params never arrived (its process died with them queued) gets them when reopened
+    bare = Tracker(uri, "exp2")
+    assert bare.end(timeout_s=30)
+    reopened = Tracker(uri, "exp2", run_token=bare.run_token)
+    reopened.log_params({"cfg": 2}, new_run_only=True)
+    assert reopened.end(timeout_s=30) and reopened.new_run is False
+    assert client.get_run(bare.run_id).data.params == {"cfg": "2"}
