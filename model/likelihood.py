@@ -74,7 +74,7 @@ def mdlm_nelbo(model: MDLM, x0: torch.Tensor, k: int, generator: torch.Generator
         for j in range(k):
             m = rates[:, j]
             nll, _ = model.token_nll(x0, model.schedule.time_of_mask_prob(m), generator, noise[j])
-            draws.append(_masked_sum(nll, valid).double() / m.double())
+            draws.append((1.0 / m).double() * _masked_sum(nll, valid).double())  # as 1/t was (log-linear)
     return _mean_and_var(draws)
 
 

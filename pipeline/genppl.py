@@ -121,7 +121,9 @@ class HFJudge:
             scored: torch.Tensor | None = None, pieces: list[tuple[str, str]] | None = None) -> tuple[float, int]:
         """Scores decoded texts; with `scored` (a prompt or suffix), `pieces` gives each sample as
         (the text before its first generated token, the generated text through its last), and
-        the judge scores the second given the first."""
+        the judge scores the second given the first. Re-tokenized text has no positions: fixed
+        tokens between two generated ones (infilling inside a prompt) are scored here too, where
+        the project judge scores the generated positions only."""
         if scored is not None and pieces is None:
             raise ValueError("a Hugging Face judge scores the generated text of prompted samples from their "
                              "context and generated pieces, which these samples lack: sample them again")

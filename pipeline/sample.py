@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(_with(prefix, ".jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
     from .genppl import evaluate_samples, load_judge, sample_pieces, scored_mask
 
-    judge = load_judge(args.judge, args.device) if args.judge else None
+    judge = load_judge(args.judge, args.device) if args.judge and generated != [] else None
+    if args.judge and judge is None:
+        print("note: the prompt and suffix fill every position: nothing was generated for --judge to score",
+              file=sys.stderr)
     quality = evaluate_samples(tokens, judge, texts, scored=scored_mask(tokens, generated), pieces=sample_pieces(rows))
     stats = {"checkpoint": str(loaded.path), "weights": loaded.weights, "objective": objective,
              "sampler": args.sampler if objective == "mdlm" else ("ar-kv" if args.sampler != "ancestral" else "ar"),

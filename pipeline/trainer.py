@@ -227,7 +227,15 @@ class Trainer:
         # record SIGTERM/SIGUSR1 from the start: one that arrives while DeepSpeed initialises
         # (preemption, a requeue's time-limit warning) stops the run after its first step
         self.stop_signal: int | None = None
+        self._run_dir_lock = None
         self._install_signal_handlers()
+        try:
+            self._start(cfg, resume)
+        except BaseException:  # a failed start in a long-lived process (a notebook) frees the run_dir
+            self._release()    # and gives the process its signal handlers back
+            raise
+
+    def _start(self, cfg: RunConfig, resume: str | None) -> None:
         if cfg.parallel.tensor > 1:
             # megatron-core's layers overlap their async tensor-parallel all-reduce with the weight
             # gradient only when the GPU has one hardware queue; read when the CUDA context starts
@@ -254,14 +262,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         # before any model or engine is built: a second launch into a run_dir in use stops here
         self._run_dir_lock, held_by = lock_run_dir(self.run_dir) if self.rank == 0 else (None, None)
-        try:
-            if not all_ranks_agree(held_by is None, self.device):
-                raise ConfigError(f"run_dir '{self.run_dir}' is in use by another training process "
-                                  f"({held_by or 'see rank 0'}): wait for it to end or stop it, or choose another run_dir")
-            self._build(cfg, resume)
-        except BaseException:  # a failed start in a long-lived process (a notebook) frees its run_dir
-            self._release_run_dir()
-            raise
+        if not all_ranks_agree(held_by is None, self.device):
+            raise ConfigError(f"run_dir '{self.run_dir}' is in use by another training process "
+                              f"({held_by or 'see rank 0'}): wait for it to end or stop it, or choose another run_dir")
+        self._build(cfg, resume)
 
     def _build(self, cfg: RunConfig, resume: str | None) -> None:
         """Everything a start builds once it holds the run_dir: model, engine, data, checkpoint, MLflow."""
@@ -405,12 +409,16 @@ class Trainer:
 
             destroy()
         shutdown_distributed()
-        self._release_run_dir()
+        self._release()
 
-    def _release_run_dir(self) -> None:
+    def _release(self) -> None:
+        """What a start holds beyond its objects: the run_dir lock and the process's signal handlers."""
         if self._run_dir_lock is not None:
             self._run_dir_lock.close()
             self._run_dir_lock = None
+        for sig, previous in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, previous)
+        self._previous_handlers = {}
 
     @property
     def _eval_model_is_collective(self) -> bool:
@@ -601,15 +609,25 @@ class Trainer:
         def handler(signum, _frame):
             self.stop_signal = signum
 
-        def interrupt(signum, _frame):  # Ctrl-C: a checkpoint and a stop, as SIGTERM; twice: abort now
-            self.stop_signal = signum
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            log.warning("interrupted: checkpointing and stopping after this step (Ctrl-C again to abort "
-                        "without a checkpoint)")
+        first = []
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-        signal.signal(signal.SIGINT, interrupt)
+        def interrupt(signum, _frame):  # Ctrl-C: a checkpoint and a stop, as SIGTERM; again: abort now
+            if not first:
+                first.append(time.monotonic())
+                self.stop_signal = signum
+                log.warning("interrupted: checkpointing and stopping after this step (Ctrl-C again to abort "
+                            "without a checkpoint)")
+            elif time.monotonic() - first[0] > 2.0:  # torchrun relays the terminal's Ctrl-C: the same one
+                raise KeyboardInterrupt
+
+        wanted = {signal.SIGTERM: handler, signal.SIGUSR1: handler, signal.SIGINT: interrupt}
+        self._previous_handlers = {}
+        for sig, new in wanted.items():
+            previous = signal.getsignal(sig)
+            if sig == signal.SIGINT and previous == signal.SIG_IGN:  # started in the background: keep it so
+                continue
+            self._previous_handlers[sig] = previous if previous is not None else signal.SIG_DFL
+            signal.signal(sig, new)
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)

@@ -141,21 +141,27 @@ def test_ctrl_c_checkpoints_once_and_twice_aborts(markov_data, tmp_path):
     assert '"stopped_by_signal": true' in out and len(list((tmp_path / "once" / "checkpoints").glob("step*"))) == 1
 
 
-def test_a_second_ctrl_c_aborts_at_once():
+def test_a_second_ctrl_c_aborts_and_the_handlers_are_given_back():
+    """The same Ctrl-C relayed again (torchrun passes the terminal's on to its workers) is not a
+    second one; a later one aborts at once. A released trainer restores the process's handlers."""
     from types import SimpleNamespace
 
     from pipeline.trainer import Trainer
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    host = SimpleNamespace(stop_signal=None)
+    host = SimpleNamespace(stop_signal=None, _run_dir_lock=None)
     try:
         Trainer._install_signal_handlers(host)
         os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # relayed: ignored
         time.sleep(0.1)
         assert host.stop_signal == signal.SIGINT
+        time.sleep(2.1)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+        Trainer._release(host)
+        assert {sig: signal.getsignal(sig) for sig in saved} == saved
     finally:
         for sig, previous in saved.items():
             signal.signal(sig, previous)

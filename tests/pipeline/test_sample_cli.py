@@ -141,6 +141,9 @@ def test_the_judge_scores_only_what_was_generated_given_what_precedes_it(ckpts, 
     for r in rows:  # the pieces a judge with its own tokenizer scores: the middle given the start
         assert words(r["context_text"]) == ["t0", "t3", "t5"]
         assert words(r["generated_text"]) == [f"t{i}" for i in r["tokens"][3:18]]
+    full, _ = sample(ckpts["mdlm"], tmp_path, "full", "--steps", "2", "--num-samples", "2", "--length", "5",
+                     "--prompt", "t3 t5", "--suffix", "t1 t2", "--judge", str(ckpts["ar"]))
+    assert full["generated_positions"] == [] and "gen_ppl" not in full  # nothing generated: nothing judged
 
 
 def test_ar_checkpoint_decodes_with_the_kv_cache(ckpts, tmp_path):
